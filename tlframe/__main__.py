@@ -1,0 +1,3 @@
+from tlframe.cli import main
+
+main()

@@ -1,0 +1,185 @@
+"""TransferModule: a timm backbone, a bottleneck head and a pluggable adaptation strategy."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from tlframe.backbones import create_backbone, data_config
+from tlframe.heads import TransferHead
+from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
+from tlframe.strategies import FineTune, Progress, Strategy, TransferStep
+
+__all__ = ["TransferModule"]
+
+_DOMAINS = ("source", "target")
+
+
+def _accuracy_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection({
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "mean_class_acc": MulticlassAccuracy(num_classes, average="macro"),
+    })
+
+
+class TransferModule(pl.LightningModule):
+    """Backbone (timm, headless) -> bottleneck -> classifier, trained by a strategy.
+
+    Args:
+        backbone: any timm model name (``timm.list_models()``) or ``lenet``/``dtn``/``dann_cnn``.
+        num_classes: number of classes; the CLI links it from ``data.num_classes``.
+        pretrained: load the hub weights of ``backbone`` (needs internet).
+        weights: offline weights for the backbone: a state dict file or a tlframe checkpoint
+            (its ``backbone.*`` tensors; the earlier run's head is not used).
+        backbone_kwargs: extra ``timm.create_model`` arguments (``in_chans``, ``drop_path_rate``, ...).
+        strategy: the adaptation strategy (default :class:`~tlframe.strategies.FineTune`).
+        bottleneck_dim: width of the bottleneck (``0``: classifier directly on the features).
+        bottleneck_dropout: dropout after the bottleneck's ReLU.
+        lr, momentum, weight_decay, nesterov: the default optimizer, SGD as in the reference
+            DA recipe. Each parameter group's LR is ``lr * lr_mult`` of its group.
+        optimizer: any other torch optimizer (``class_path``/``init_args``); its own ``lr`` is
+            then the base LR that the group multipliers scale.
+        scheduler: any torch LR scheduler; default ``InverseDecayLR`` (``lr (1 + 0.001 step)^-0.75``).
+        scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 10,
+        pretrained: bool = False,
+        weights: Optional[str] = None,
+        backbone_kwargs: Optional[dict[str, Any]] = None,
+        strategy: Optional[Strategy] = None,
+        bottleneck_dim: int = 256,
+        bottleneck_dropout: float = 0.0,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-3,
+        nesterov: bool = True,
+        optimizer: Optional[OptimizerCallable] = None,
+        scheduler: Optional[LRSchedulerCallable] = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["strategy", "optimizer", "scheduler"])
+        self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
+        self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
+        self.strategy = strategy if strategy is not None else FineTune()
+        self.strategy.attach(self.backbone, self.head, num_classes)
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{domain}": _accuracy_metrics(num_classes) for stage in ("val", "test") for domain in _DOMAINS
+        })
+
+    # -- data hand-shake ---------------------------------------------------------------
+    @property
+    def data_config(self) -> dict:
+        """timm input config of the backbone (input size, mean, std, interpolation, crop_pct)."""
+        return data_config(self.backbone)
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "set_data_config"):
+            dm.set_data_config(self.data_config)
+
+    # -- forward -----------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strategy.trains_backbone:
+            return self.backbone(x)
+        with torch.no_grad():
+            return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)``."""
+        return self.head(self.features(x))[1]
+
+    def _forward_domains(self, x_s: torch.Tensor, x_t: Optional[torch.Tensor]):
+        if x_t is None:
+            z_s = self.features(x_s)
+            return (z_s, *self.head(z_s)), (None, None, None)
+        if self.strategy.bn_policy == "joint":
+            z = self.features(torch.cat([x_s, x_t]))
+            f, g = self.head(z)
+            n = x_s.shape[0]
+            return (z[:n], f[:n], g[:n]), (z[n:], f[n:], g[n:])
+        z_s, z_t = self.features(x_s), self.features(x_t)
+        return (z_s, *self.head(z_s)), (z_t, *self.head(z_t))
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(self.global_step, self.current_epoch)
+
+    # -- training ----------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.strategy.on_train_batch_start(self.backbone, self.progress)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x_s, y_s = batch["source"]
+        x_t = batch["target"][0] if self.strategy.uses_target else None
+        (z_s, f_s, g_s), (z_t, f_t, g_t) = self._forward_domains(x_s, x_t)
+        out = self.strategy.compute(TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress,
+                                                 z_t=z_t, f_t=f_t, logits_t=g_t))
+        loss = out.total()
+        bs = x_s.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()}, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=bs)
+        self.log("train/source_acc", (g_s.argmax(1) == y_s).float().mean(), batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.strategy.on_before_optimizer_step(self.backbone, self.progress)
+
+    # -- evaluation --------------------------------------------------------------------
+    def _domain(self, stage: str, dataloader_idx: int) -> str:
+        dm = getattr(self.trainer, "datamodule", None)
+        names = getattr(dm, f"{stage}_domains", None) or (list(_DOMAINS) if stage == "val" else ["target", "source"])
+        return names[dataloader_idx]
+
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> None:
+        x, y = batch
+        domain = self._domain(stage, dataloader_idx)
+        logits = self(x)
+        labelled = y >= 0
+        if not bool(labelled.any()):
+            return
+        logits, y = logits[labelled], y[labelled]
+        metrics = self.metrics[f"{stage}_{domain}"]
+        metrics.update(logits, y)
+        self.log_dict({f"{stage}/{domain}_{k}": m for k, m in metrics.items()}, add_dataloader_idx=False,
+                      batch_size=y.shape[0])
+        self.log(f"{stage}/{domain}_loss", nn.functional.cross_entropy(logits, y), add_dataloader_idx=False,
+                 batch_size=y.shape[0], sync_dist=True)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        probs = self(x).softmax(dim=1)
+        return {"probs": probs, "pred": probs.argmax(dim=1)}
+
+    # -- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self) -> dict:
+        groups = nonempty_groups(self.strategy.param_groups(self.backbone, self.head))
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                        weight_decay=self.hparams.weight_decay, nesterov=self.hparams.nesterov)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        apply_lr_multipliers(optimizer)
+        scheduler = InverseDecayLR(optimizer) if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}

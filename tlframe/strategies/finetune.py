@@ -1,0 +1,129 @@
+"""Fine-tuning and frozen-feature (linear probe) strategies."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from torch import nn
+
+from tlframe.backbones import backbone_stages
+from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers, trainable
+from tlframe.strategies.base import Progress, Strategy
+
+__all__ = ["FineTune", "FrozenFeatures"]
+
+
+def _stage_modules(backbone: nn.Module, stages: list[list[str]]) -> list[list[nn.Module]]:
+    """Modules whose parameters all belong to one stage (convs, norms), per stage."""
+    owner = {name: i for i, names in enumerate(stages) for name in names}
+    out: list[list[nn.Module]] = [[] for _ in stages]
+    for mod_name, mod in backbone.named_modules():
+        names = [f"{mod_name}.{n}" if mod_name else n for n, _ in mod.named_parameters(recurse=False)]
+        idx = {owner.get(n) for n in names}
+        if names and len(idx) == 1 and None not in idx:
+            out[idx.pop()].append(mod)
+    return out
+
+
+class FineTune(Strategy):
+    """Train backbone and head; optionally freeze the first stages, unfreeze them gradually, decay LRs by depth.
+
+    Stages come from the backbone's timm ``group_matcher(coarse=True)``: stage 0 is the stem,
+    then the blocks/stages in forward order (see ``tlframe.backbones.backbone_stages``), so
+    the same setting works for ResNet, ConvNeXt, ViT, EfficientNet and the digit networks.
+
+    Args:
+        backbone_lr_mult: LR multiplier of the backbone (0.1 is the usual choice for a
+            pretrained backbone; use 1.0 when training from scratch).
+        freeze_stages: number of leading stages frozen at the start (``-1``: the whole
+            backbone). Frozen parameters get no update, no weight decay and no momentum, and
+            with ``freeze_bn_stats`` their BatchNorm running statistics stay untouched.
+        unfreeze_every: release the deepest frozen stage every this many ``unfreeze_unit``
+            (gradual unfreezing, top-down). ``None``: frozen stages stay frozen for the run
+            (then they get ``requires_grad=False`` and cost no backward pass).
+        unfreeze_unit: ``"epoch"`` (``current_epoch``) or ``"step"`` (``global_step``).
+        layer_decay: layer-wise LR decay: stage ``i`` of ``S`` gets
+            ``backbone_lr_mult * layer_decay ** (S - 1 - i)``.
+        freeze_bn_stats: keep normalisation layers of frozen stages in eval mode.
+        head_lr_mult, bn_policy, label_smoothing: see :class:`Strategy`.
+    """
+
+    def __init__(self, backbone_lr_mult: float = 0.1, freeze_stages: int = 0, unfreeze_every: Optional[int] = None,
+                 unfreeze_unit: Literal["epoch", "step"] = "epoch", layer_decay: Optional[float] = None,
+                 freeze_bn_stats: bool = True, head_lr_mult: float = 1.0,
+                 bn_policy: Literal["joint", "separate"] = "joint", label_smoothing: float = 0.0):
+        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing)
+        if unfreeze_every is not None and unfreeze_every <= 0:
+            raise ValueError(f"unfreeze_every must be a positive number of {unfreeze_unit}s or null, got {unfreeze_every}")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        self.backbone_lr_mult = backbone_lr_mult
+        self.freeze_stages = freeze_stages
+        self.unfreeze_every = unfreeze_every
+        self.unfreeze_unit = unfreeze_unit
+        self.layer_decay = layer_decay
+        self.freeze_bn_stats = freeze_bn_stats
+        self._stage_names: list[list[str]] = []  # derived from the backbone in attach()
+
+    # -- structure -------------------------------------------------------------------
+    def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
+        self._stage_names = backbone_stages(backbone)
+        if self.unfreeze_every is None:
+            params = dict(backbone.named_parameters())
+            for names in self._stage_names[: self.frozen_stages(Progress(0, 0))]:
+                for n in names:
+                    params[n].requires_grad_(False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self._stage_names)
+
+    def frozen_stages(self, progress: Progress) -> int:
+        """Number of leading stages frozen at ``progress`` (a pure function of step/epoch)."""
+        unit = progress.epoch if self.unfreeze_unit == "epoch" else progress.step
+        return frozen_stage_count(self.freeze_stages, self.num_stages, self.unfreeze_every, unit)
+
+    def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
+        params = dict(backbone.named_parameters())
+        mults = stage_lr_multipliers(self.num_stages, self.backbone_lr_mult, self.layer_decay)
+        groups = super().param_groups(backbone, head)
+        if self.layer_decay is None:
+            groups.append({"name": "backbone", "lr_mult": self.backbone_lr_mult,
+                           "params": [params[n] for names in self._stage_names for n in names if params[n].requires_grad]})
+        else:
+            for i, (names, mult) in enumerate(zip(self._stage_names, mults)):
+                groups.append({"name": f"backbone.stage{i}", "lr_mult": mult,
+                               "params": [params[n] for n in names if params[n].requires_grad]})
+        return [g for g in groups if g["params"]]
+
+    # -- schedule --------------------------------------------------------------------
+    def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
+        frozen = self.frozen_stages(progress)
+        if not self.freeze_bn_stats or frozen == 0:
+            return
+        for mods in _stage_modules(backbone, self._stage_names[:frozen]):
+            for m in mods:
+                m.eval()
+
+    def on_before_optimizer_step(self, backbone: nn.Module, progress: Progress) -> None:
+        if self.unfreeze_every is None:
+            return  # permanently frozen stages have requires_grad=False
+        params = dict(backbone.named_parameters())
+        for names in self._stage_names[: self.frozen_stages(progress)]:
+            for n in names:
+                params[n].grad = None
+
+
+class FrozenFeatures(Strategy):
+    """Linear probe / feature extraction: the backbone is frozen (no grad, eval mode, BN stats untouched), only the head trains.
+
+    Set the module's ``bottleneck_dim: 0`` for a pure linear classifier on the features.
+    """
+
+    trains_backbone = False
+
+    def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
+        backbone.requires_grad_(False)
+
+    def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
+        backbone.eval()
