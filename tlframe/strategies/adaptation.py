@@ -1,0 +1,118 @@
+"""Unsupervised domain adaptation strategies: DANN (adversarial) and MMD (kernel discrepancy).
+
+Both extend :class:`FineTune`, so backbone LR multiplier, stage freezing, gradual
+unfreezing and layer-wise LR decay work with them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+from torch import nn
+
+from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient
+from tlframe.optim import ParamGroup
+from tlframe.strategies.base import StrategyOutput, TransferStep
+from tlframe.strategies.finetune import FineTune
+
+__all__ = ["DomainDiscriminator", "DANN", "MMD"]
+
+
+class DomainDiscriminator(nn.Sequential):
+    """``Linear-BN-ReLU-Linear-BN-ReLU-Linear``: features ``(N, in_features)`` -> domain logits ``(N, 1)``."""
+
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True):
+        def block(i: int, o: int) -> list[nn.Module]:
+            return [nn.Linear(i, o), nn.BatchNorm1d(o) if batch_norm else nn.Identity(), nn.ReLU(inplace=True)]
+
+        super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, 1))
+
+
+class DANN(FineTune):
+    """Domain-adversarial training (Ganin & Lempitsky, ICML 2015; Ganin et al., JMLR 2016).
+
+    ``loss = cls + trade_off * adv`` with ``adv = domain_adversarial_loss(D(grl(f_s)), D(grl(f_t)))``
+    on the bottleneck features ``f``, where ``grl`` reverses gradients scaled by
+    ``coeff = warm_start_coefficient(global_step, grl_max_steps, grl_alpha, grl_lo, grl_hi)``.
+    One optimizer: the reversal makes the feature extractor maximise what the discriminator
+    minimises. Logs ``grl_coeff`` and ``domain_acc`` every step.
+
+    Args:
+        trade_off: weight of the adversarial loss.
+        hidden: width of the discriminator's hidden layers.
+        discriminator_lr_mult: LR multiplier of the discriminator's parameter group.
+        grl_max_steps, grl_alpha, grl_lo, grl_hi: warm-start schedule of the reversal coefficient.
+        ``**kwargs``: the :class:`FineTune` arguments (backbone LR multiplier, freezing, ...).
+    """
+
+    uses_target = True
+
+    def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
+                 grl_max_steps: int = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        self.trade_off = trade_off
+        self.hidden = hidden
+        self.discriminator_lr_mult = discriminator_lr_mult
+        self.grl = dict(max_steps=grl_max_steps, alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
+        self.discriminator: Optional[DomainDiscriminator] = None
+
+    def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
+        super().attach(backbone, head, num_classes)
+        self.discriminator = DomainDiscriminator(head.out_features, self.hidden)
+
+    def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
+        return super().param_groups(backbone, head) + [
+            {"name": "discriminator", "params": list(self.discriminator.parameters()), "lr_mult": self.discriminator_lr_mult}
+        ]
+
+    def coefficient(self, step: int) -> float:
+        """GRL coefficient at optimizer step ``step``."""
+        return warm_start_coefficient(step, **self.grl)
+
+    def compute(self, step: TransferStep) -> StrategyOutput:
+        coeff = self.coefficient(step.progress.step)
+        n = step.f_s.shape[0]
+        if self.bn_policy == "joint":
+            d = self.discriminator(gradient_reverse(torch.cat([step.f_s, step.f_t]), coeff))
+            d_s, d_t = d[:n], d[n:]
+        else:
+            d_s = self.discriminator(gradient_reverse(step.f_s, coeff))
+            d_t = self.discriminator(gradient_reverse(step.f_t, coeff))
+        adv, domain_acc = domain_adversarial_loss(d_s, d_t)
+        return StrategyOutput(losses={"cls": self.classification_loss(step), "adv": adv},
+                              weights={"adv": self.trade_off},
+                              logs={"grl_coeff": coeff, "domain_acc": domain_acc})
+
+
+class MMD(FineTune):
+    """Deep adaptation by multi-kernel MMD (DAN, Long et al., ICML 2015).
+
+    ``loss = cls + trade_off * mk_mmd(f_s, f_t)`` on the bottleneck features. Logs ``mmd``.
+    Under DDP the MMD is computed per rank on the local batches (no gather).
+
+    Args:
+        trade_off: weight of the MMD term.
+        alphas: bandwidth multipliers of the Gaussian kernels.
+        linear: linear-time estimator instead of the quadratic U-statistic.
+        offset: add TLlib's constant ``2/(n-1)`` (value only; gradients are the same).
+        ``**kwargs``: the :class:`FineTune` arguments. Default ``bn_policy`` is ``"separate"``, as
+        in the reference DAN.
+    """
+
+    uses_target = True
+
+    def __init__(self, trade_off: float = 1.0, alphas: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0),
+                 linear: bool = False, offset: bool = True, bn_policy: Literal["joint", "separate"] = "separate",
+                 **kwargs: Any):
+        super().__init__(bn_policy=bn_policy, **kwargs)
+        self.trade_off = trade_off
+        self.alphas = tuple(alphas)
+        self.linear = linear
+        self.offset = offset
+
+    def compute(self, step: TransferStep) -> StrategyOutput:
+        value = mk_mmd(step.f_s, step.f_t, self.alphas, linear=self.linear, offset=self.offset)
+        return StrategyOutput(losses={"cls": self.classification_loss(step), "mmd": value},
+                              weights={"mmd": self.trade_off}, logs={})
