@@ -136,7 +136,8 @@ def data_config(model: nn.Module) -> dict:
     """The model's input config (input_size, mean, std, interpolation, crop_pct) from timm.
 
     The channel count follows the model's first convolution, so ``in_chans=1`` on an RGB
-    architecture (or 3 on a grey one) gives a matching config.
+    architecture (or 3 on a grey one) gives a matching config; a ViT built with another
+    ``img_size`` gets that size.
     """
     cfg = dict(timm.data.resolve_model_data_config(model))
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
@@ -146,4 +147,7 @@ def data_config(model: nn.Module) -> dict:
         cfg["input_size"] = (chans, *cfg["input_size"][1:])
         cfg["mean"] = (sum(cfg["mean"]) / len(cfg["mean"]),) * chans
         cfg["std"] = (sum(cfg["std"]) / len(cfg["std"]),) * chans
+    fixed = getattr(getattr(model, "patch_embed", None), "img_size", None)  # ViT-style fixed input size
+    if fixed is not None and tuple(fixed) != tuple(cfg["input_size"][1:]):
+        cfg["input_size"] = (cfg["input_size"][0], *fixed)
     return cfg

@@ -1,0 +1,61 @@
+"""Fixtures for the data-layer tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only folder of real data sets (``../shared/data`` from the repo root, or
+    ``$TLFRAME_TEST_DATA``); skips the test when it is absent."""
+    env = os.environ.get("TLFRAME_TEST_DATA")
+    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} not found (set TLFRAME_TEST_DATA to it)")
+    return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Never write into the user's ~/.cache or pick up their data root during tests."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLFRAME_CACHE_DIR", str(tmp_path_factory.mktemp("tlframe-cache")))
+        mp.delenv("TLFRAME_DATA_ROOT", raising=False)
+        yield
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:
+    """Write a small random image in ``mode`` (RGB, L, P, RGBA, ...) to ``path``."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_writer():
+    """The :func:`write_image` helper, as a fixture."""
+    return write_image
+
+
+@pytest.fixture
+def make_folder(tmp_path):
+    """Build an ImageFolder tree: ``make_folder("name", {"cls": n_images, ...})``."""
+
+    def make(name: str, counts: dict[str, int], ext: str = ".png") -> Path:
+        root = tmp_path / name
+        for ci, (cls, n) in enumerate(counts.items()):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                write_image(root / cls / f"{i:03d}{ext}", seed=100 * ci + i)
+        return root
+
+    return make

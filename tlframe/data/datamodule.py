@@ -1,0 +1,320 @@
+"""The Lightning data module that pairs a source and a target :class:`Domain`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.combined_loader import CombinedLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+
+from tlframe.data.datasets import TransformedDataset
+from tlframe.data.domains import Domain
+from tlframe.data.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TIMM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+class TransferDataModule(pl.LightningDataModule):
+    """Source and target domains for transfer learning / unsupervised domain adaptation.
+
+    Training batches are ``{"source": (x_s, y_s), "target": (x_t, y_t)}``
+    (a ``CombinedLoader`` in ``"min_size"`` mode); ``y_t`` is -1 when the target domain is
+    unlabelled, and target labels are never needed for training. Both domains yield exactly
+    ``iters_per_epoch`` batches per epoch: each is drawn by a ``RandomSampler`` without
+    replacement over ``iters_per_epoch * batch_size`` samples, so the smaller domain runs
+    through fresh permutations. (Under DDP, Lightning shards these samplers, so each rank
+    gets ``iters_per_epoch / world_size`` batches.)
+
+    Splits: the source ``"train"`` split is divided into train and validation parts by
+    ``val_fraction`` (seeded by ``split_seed``); the target ``"train"`` split is the
+    unlabelled training data and the target ``"test"`` split is used for evaluation (for
+    folder domains without a separate test folder these are the same images: transductive
+    DA).
+
+    Evaluation loaders (lists; names in :attr:`val_domains` / :attr:`test_domains`):
+
+    - ``val_dataloader()``: ``[source val, target test]``, names ``["source", "target"]``;
+      the target loader is left out (``["source"]``) when the target is unlabelled, and
+      the source part is left out when ``val_fraction == 0``.
+    - ``test_dataloader()``: ``[target test, source test]``, names ``["target", "source"]``.
+      The target loader is returned even when the target is unlabelled; its labels are then
+      -1 and the module must skip accuracy for it.
+    - ``predict_dataloader()``: the target test split.
+
+    Transforms come from a timm data config given by the LightningModule through
+    :meth:`set_data_config` (after ``setup()``, before the dataloaders are built). Every
+    image is first converted to the backbone's channel count ("L" for 1 channel, else
+    "RGB"), so grey, palette and RGBA images work with any backbone.
+
+    Args:
+        source: labelled source domain.
+        target: target domain (``labelled=False`` for unsupervised DA).
+        batch_size: source batch size (and target batch size unless given).
+        target_batch_size: target batch size; default ``batch_size``.
+        iters_per_epoch: training batches per epoch; default
+            ``max(ceil(n_source / batch_size), ceil(n_target / target_batch_size))``.
+        val_fraction: fraction of the source train split held out for validation, in [0, 1).
+        eval_batch_size: batch size of the evaluation loaders; default ``batch_size``.
+        num_workers: DataLoader workers per loader.
+        pin_memory: passed to every DataLoader.
+        persistent_workers: passed to every DataLoader (only used when num_workers > 0).
+        train_augmentation: ``"none"`` (the eval transform), ``"crop_flip"`` (resize to
+            ``size / crop_pct``, random crop, horizontal flip) or ``"timm"`` (timm's
+            training transform: random resized crop, flip, colour jitter).
+        image_size: overrides the backbone's input height and width.
+        split_seed: seed of the source train/val split.
+    """
+
+    def __init__(
+        self,
+        source: Domain,
+        target: Domain,
+        batch_size: int = 32,
+        target_batch_size: Optional[int] = None,
+        iters_per_epoch: Optional[int] = None,
+        val_fraction: float = 0.1,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        train_augmentation: Literal["none", "crop_flip", "timm"] = "none",
+        image_size: Optional[int] = None,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for key, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size),
+                           ("iters_per_epoch", iters_per_epoch), ("eval_batch_size", eval_batch_size),
+                           ("image_size", image_size)):
+            if value is not None and int(value) < 1:
+                raise DataError(f"{key}={value} must be a positive integer: pass a value >= 1.")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction={val_fraction} must be in [0, 1): e.g. 0.1, or 0 for no source validation.")
+        if num_workers < 0:
+            raise DataError(f"num_workers={num_workers} must be >= 0.")
+        if train_augmentation not in ("none", "crop_flip", "timm"):
+            raise DataError(
+                f"train_augmentation={train_augmentation!r} is unknown: use 'none', 'crop_flip' or 'timm'."
+            )
+        self.source = source
+        self.target = target
+        self.batch_size = int(batch_size)
+        self.target_batch_size = int(target_batch_size or batch_size)
+        self.iters_per_epoch = iters_per_epoch
+        self.val_fraction = float(val_fraction)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.train_augmentation = train_augmentation
+        self.image_size = image_size
+        self.split_seed = int(split_seed)
+        self.data_config: Optional[dict[str, Any]] = None
+        # Raw datasets of (PIL image, label), built in setup().
+        self.source_train: Optional[Dataset] = None
+        self.source_val: Optional[Dataset] = None
+        self.source_test: Optional[Dataset] = None
+        self.target_train: Optional[Dataset] = None
+        self.target_test: Optional[Dataset] = None
+
+    # ----------------------------------------------------------------- description
+    @property
+    def classes(self) -> list[str]:
+        """Class names shared by both domains."""
+        return self.source.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def val_domains(self) -> list[str]:
+        """Names of the loaders returned by :meth:`val_dataloader`, in order."""
+        names = ["source"] if self.val_fraction > 0 else []
+        return names + (["target"] if self.target.has_labels else [])
+
+    @property
+    def test_domains(self) -> list[str]:
+        """Names of the loaders returned by :meth:`test_dataloader`, in order."""
+        return ["target", "source"]
+
+    # ----------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Download / extract the domains' files (once per node)."""
+        self.source.prepare()
+        self.target.prepare()
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Build the raw datasets and check them (idempotent)."""
+        if self.source_train is not None:
+            return
+        if not self.source.has_labels:
+            raise DataError(
+                f"source domain {self.source.name} is unlabelled: the source must be "
+                "labelled (set labelled: true on the source domain)."
+            )
+        if self.source.classes != self.target.classes:
+            raise DataError(
+                f"source domain {self.source.name} has classes {self.source.classes} but "
+                f"target domain {self.target.name} has {self.target.classes}: make the class "
+                "folders (or class lists) of both domains match, same names in the same order."
+            )
+        full = self.source.dataset("train")
+        datasets = {
+            f"source {self.source.name} train": full,
+            f"source {self.source.name} test": self.source.dataset("test"),
+            f"target {self.target.name} train": self.target.dataset("train"),
+            f"target {self.target.name} test": self.target.dataset("test"),
+        }
+        for what, ds in datasets.items():
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise DataError(f"the {what} split is empty: give that domain some images.")
+        n = len(full)  # type: ignore[arg-type]
+        n_val = 0 if self.val_fraction == 0 else min(max(1, round(n * self.val_fraction)), n - 1)
+        if self.val_fraction > 0 and n_val == 0:
+            raise DataError(
+                f"the source {self.source.name} train split has only {n} image(s), too few to hold "
+                "out a validation part: set val_fraction=0 or give the source more images."
+            )
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        source_train = Subset(full, sorted(perm[n_val:]))
+        source_val = Subset(full, sorted(perm[:n_val]))
+        target_train = self.target.dataset("train")
+        for role, ds, bs in (("source", source_train, self.batch_size),
+                             ("target", target_train, self.target_batch_size)):
+            if bs > len(ds):  # type: ignore[arg-type]
+                extra = f" after holding out {n_val} images for validation" if role == "source" else ""
+                raise DataError(
+                    f"{role} batch size {bs} is larger than the {role} train set "
+                    f"({len(ds)} images{extra}): lower batch_size"  # type: ignore[arg-type]
+                    f"{'' if role == 'source' else ' / target_batch_size'} to at most {len(ds)}."  # type: ignore[arg-type]
+                )
+        self.source_train, self.source_val = source_train, source_val
+        self.source_test = self.source.dataset("test")
+        self.target_train, self.target_test = target_train, self.target.dataset("test")
+
+    def _ensure_setup(self) -> None:
+        if self.source_train is None:
+            self.setup("fit")
+
+    # ----------------------------------------------------------------- transforms
+    def set_data_config(self, cfg: dict) -> None:
+        """Use a timm data config (``timm.data.resolve_model_data_config(model)``) for the
+        transforms; unknown keys are ignored."""
+        cfg = {k: cfg[k] for k in _TIMM_KEYS if k in cfg}
+        if "input_size" in cfg and len(cfg["input_size"]) != 3:
+            raise DataError(f"data config input_size {cfg['input_size']} is not (C, H, W): fix the config.")
+        self.data_config = cfg
+
+    def _resolved_config(self) -> dict[str, Any]:
+        cfg: dict[str, Any] = {"input_size": (3, 32, 32), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                               "interpolation": "bilinear", "crop_pct": 1.0}
+        if self.data_config is not None:
+            cfg.update(self.data_config)
+        c, h, w = (int(x) for x in cfg["input_size"])
+        if self.image_size is not None:
+            h = w = int(self.image_size)
+        cfg["input_size"] = (c, h, w)
+        cfg["mean"] = _per_channel(cfg["mean"], c)
+        cfg["std"] = _per_channel(cfg["std"], c)
+        if cfg.get("crop_pct") is None:
+            cfg["crop_pct"] = 1.0
+        return cfg
+
+    @property
+    def image_mode(self) -> str:
+        """PIL mode every image is converted to: "L" for 1-channel backbones, else "RGB"."""
+        return "L" if self._resolved_config()["input_size"][0] == 1 else "RGB"
+
+    def eval_transform(self):
+        """timm's evaluation transform for the current data config."""
+        from timm.data import create_transform
+
+        return create_transform(**self._resolved_config(), is_training=False)
+
+    def train_transform(self):
+        """The training transform selected by ``train_augmentation``."""
+        if self.train_augmentation == "none":
+            return self.eval_transform()
+        cfg = self._resolved_config()
+        if self.train_augmentation == "timm":
+            from timm.data import create_transform
+
+            return create_transform(**cfg, is_training=True)
+        from timm.data.transforms import str_to_interp_mode
+        from torchvision import transforms as T
+
+        _, h, w = cfg["input_size"]
+        crop_pct = float(cfg["crop_pct"])
+        resize = int(h / crop_pct) if h == w else (int(h / crop_pct), int(w / crop_pct))
+        return T.Compose([
+            T.Resize(resize, interpolation=str_to_interp_mode(cfg["interpolation"])),
+            T.RandomCrop((h, w)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean=cfg["mean"], std=cfg["std"]),
+        ])
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, ds: Dataset, transform, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            TransformedDataset(ds, transform, self.image_mode),
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def num_train_batches(self) -> int:
+        """Training batches per epoch (``iters_per_epoch`` or its default)."""
+        if self.iters_per_epoch is not None:
+            return int(self.iters_per_epoch)
+        self._ensure_setup()
+        return max(math.ceil(len(self.source_train) / self.batch_size),  # type: ignore[arg-type]
+                   math.ceil(len(self.target_train) / self.target_batch_size))  # type: ignore[arg-type]
+
+    def train_dataloader(self) -> CombinedLoader:
+        self._ensure_setup()
+        iters = self.num_train_batches()
+        transform = self.train_transform()
+        loaders = {}
+        for role, ds, bs in (("source", self.source_train, self.batch_size),
+                             ("target", self.target_train, self.target_batch_size)):
+            sampler = RandomSampler(ds, replacement=False, num_samples=iters * bs)  # type: ignore[arg-type]
+            loaders[role] = self._loader(ds, transform, bs, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
+        return CombinedLoader(loaders, mode="min_size")
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self._ensure_setup()
+        transform = self.eval_transform()
+        by_name = {"source": self.source_val, "target": self.target_test}
+        return [self._loader(by_name[n], transform, self.eval_batch_size) for n in self.val_domains]  # type: ignore[arg-type]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        self._ensure_setup()
+        transform = self.eval_transform()
+        by_name = {"source": self.source_test, "target": self.target_test}
+        return [self._loader(by_name[n], transform, self.eval_batch_size) for n in self.test_domains]  # type: ignore[arg-type]
+
+    def predict_dataloader(self) -> DataLoader:
+        self._ensure_setup()
+        return self._loader(self.target_test, self.eval_transform(), self.eval_batch_size)  # type: ignore[arg-type]
+
+
+def _per_channel(values, channels: int) -> tuple[float, ...]:
+    """Fit a mean/std tuple to the channel count (repeat a single value, average for grey)."""
+    values = tuple(float(v) for v in (values if isinstance(values, (tuple, list)) else (values,)))
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise DataError(f"data config has {len(values)} mean/std values for {channels} channels: fix the config.")

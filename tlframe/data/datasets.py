@@ -1,0 +1,113 @@
+"""Raw datasets (items are ``(PIL.Image, int)``) and the transform wrapper.
+
+Everything here is a plain picklable class so that DataLoader workers (fork or spawn)
+work; no lambdas or closures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from tlframe.data.errors import DataError
+
+#: Label returned for every item of an unlabelled domain.
+NO_LABEL = -1
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 array ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (RGB).
+
+    Each item is converted to a PIL image on access, so the memory cost is one byte per
+    pixel and indexing is cheap.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, labelled: bool = True) -> None:
+        images = np.ascontiguousarray(images)
+        if images.dtype != np.uint8 or images.ndim not in (3, 4):
+            raise TypeError(f"images must be uint8 (N,H,W[,3]), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        img = Image.fromarray(self.images[index])
+        return img, int(self.labels[index]) if self.labelled else NO_LABEL
+
+
+class FileImageDataset(Dataset):
+    """Images decoded from files on access; ``samples`` is a list of ``(path, label)``."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], labelled: bool = True) -> None:
+        self.samples = [(str(p), int(y)) for p, y in samples]
+        self.labelled = labelled
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[index]
+        return load_image(path), label if self.labelled else NO_LABEL
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([y for _, y in self.samples], dtype=np.int64)
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image, raising :class:`DataError` naming the file on failure."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise DataError(
+            f"image {path} cannot be read ({type(e).__name__}: {e}): replace or delete the "
+            "file (and remove it from any list file) and run again."
+        ) from e
+    return img
+
+
+def convert_mode(img: Image.Image, mode: str) -> Image.Image:
+    """Convert ``img`` to ``mode`` ("L" or "RGB"), going through RGBA for palette images with
+    transparency so PIL does not warn."""
+    if img.mode == mode:
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bit instead of clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.round(arr / hi * 255).astype(np.uint8))
+    return img.convert(mode)
+
+
+class TransformedDataset(Dataset):
+    """Wraps a raw dataset: converts each image to ``mode`` then applies ``transform``."""
+
+    def __init__(self, dataset: Dataset, transform: Optional[Callable], mode: str = "RGB") -> None:
+        if mode not in ("L", "RGB"):
+            raise ValueError(f"mode must be 'L' or 'RGB', got {mode!r}")
+        self.dataset = dataset
+        self.transform = transform
+        self.mode = mode
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        img, label = self.dataset[index]
+        img = convert_mode(img, self.mode)
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, label

@@ -1,0 +1,243 @@
+"""The :class:`Domain` contract and the file-based domains (image folders, image lists)."""
+
+from __future__ import annotations
+
+import abc
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from torch.utils.data import Dataset
+
+from tlframe.data.datasets import FileImageDataset
+from tlframe.data.errors import DataError
+from tlframe.data.paths import find_path
+
+Split = Literal["train", "test"]
+
+#: File extensions accepted as images by the folder and list domains (case-insensitive).
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff", ".webp",
+)
+
+
+class Domain(abc.ABC):
+    """One domain of a transfer task: a set of classes and a train and a test split.
+
+    ``dataset(split)`` returns a ``torch.utils.data.Dataset`` whose items are
+    ``(PIL.Image.Image, int)``; images keep their native mode (the data module converts
+    them to the backbone's channel count). When the domain is built with
+    ``labelled=False`` every label is ``-1``, so the labels can never leak into training.
+    Datasets are built on first use and cached on the domain.
+    """
+
+    def __init__(self, labelled: bool = True) -> None:
+        self.labelled = bool(labelled)
+        self._datasets: dict[str, Dataset] = {}
+
+    @property
+    @abc.abstractmethod
+    def classes(self) -> list[str]:
+        """Class names; the label ``i`` means ``classes[i]``."""
+
+    @property
+    def name(self) -> str:
+        """Short human-readable name for logs."""
+        return type(self).__name__.removesuffix("Domain").lower()
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether ``dataset()`` items carry real labels (else every label is -1)."""
+        return self.labelled
+
+    def prepare(self) -> None:
+        """Download or extract what is needed (called once per node by the data module)."""
+
+    def dataset(self, split: Split) -> Dataset:
+        """The ``"train"`` or ``"test"`` split as a dataset of ``(PIL image, label)``."""
+        if split not in ("train", "test"):
+            raise DataError(f"split must be 'train' or 'test', got {split!r}: use one of those two.")
+        if split not in self._datasets:
+            self._datasets[split] = self._build(split)
+        return self._datasets[split]
+
+    @abc.abstractmethod
+    def _build(self, split: Split) -> Dataset:
+        """Build the dataset of one split (the caller caches it)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, labelled={self.labelled})"
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Scan ``<root>/<class>/**/<image>``; return sorted class names and ``(path, label)``."""
+    if not root.is_dir():
+        raise DataError(
+            f"image folder {root} does not exist or is not a folder: pass the folder that "
+            "holds one sub-folder per class."
+        )
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {root} has no class folders: lay the images out as "
+            f"<root>/<class>/<image> (accepted extensions: {', '.join(IMAGE_EXTENSIONS)})."
+        )
+    samples: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+        if not found:
+            raise DataError(
+                f"folder {root / cls} has no images (accepted extensions: "
+                f"{', '.join(IMAGE_EXTENSIONS)}): add images to it or remove the folder."
+            )
+        samples.extend((p, label) for p in found)
+    return classes, samples
+
+
+class ImageFolderDomain(Domain):
+    """Images laid out as ``<root>/<class>/*.jpg`` (torchvision ImageFolder layout).
+
+    Classes are the sorted sub-folder names; sub-folders of a class folder are searched
+    too. Split ``"test"`` reads ``test_root`` when given; otherwise it is the *same
+    images* as ``"train"``: the transductive convention of unsupervised domain adaptation,
+    where the unlabelled target images are both trained on (without labels) and evaluated.
+
+    Args:
+        root: folder with one sub-folder per class. A relative path that does not exist
+            is also looked up under the data root (``$TLFRAME_DATA_ROOT`` or ``./data``).
+        test_root: optional folder of the same layout for the ``"test"`` split.
+        labelled: if False every label is -1.
+    """
+
+    def __init__(self, root: str, test_root: Optional[str] = None, labelled: bool = True) -> None:
+        super().__init__(labelled)
+        self.root = find_path(root, "image folder")
+        self.test_root = find_path(test_root, "test image folder") if test_root else None
+        self._scans: dict[Path, tuple[list[str], list[tuple[str, int]]]] = {}
+
+    def _scan(self, root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+        if root not in self._scans:
+            self._scans[root] = scan_image_folder(root)
+        return self._scans[root]
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._scan(self.root)[0])
+
+    def _build(self, split: Split) -> Dataset:
+        root = self.test_root if split == "test" and self.test_root is not None else self.root
+        classes, samples = self._scan(root)
+        if classes != self.classes:
+            raise DataError(
+                f"test folder {root} has classes {classes} but train folder {self.root} has "
+                f"{self.classes}: make the class folders of both match."
+            )
+        return FileImageDataset(samples, labelled=self.labelled)
+
+
+def read_image_list(list_file: Path, root: Path) -> list[tuple[str, int]]:
+    """Parse a ``relative/path.jpg <int label>`` list (one image per line).
+
+    Blank lines and lines starting with ``#`` are skipped; the label is the last token, so
+    paths may contain spaces.
+    """
+    samples: list[tuple[str, int]] = []
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(None, 1)
+            try:
+                if len(parts) != 2:
+                    raise ValueError("expected two fields")
+                label = int(parts[1])
+                if label < 0:
+                    raise ValueError("negative label")
+            except ValueError:
+                raise DataError(
+                    f"{list_file}, line {lineno}: {raw.rstrip()!r} is not "
+                    "'<relative/path.jpg> <label>' with an integer label >= 0: fix or delete "
+                    "that line."
+                ) from None
+            samples.append((str(root / parts[0]), label))
+    if not samples:
+        raise DataError(f"list file {list_file} lists no images: add '<path> <label>' lines.")
+    missing = [p for p, _ in samples if not os.path.isfile(p)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise DataError(
+            f"{len(missing)} of {len(samples)} images listed in {list_file} do not exist "
+            f"({shown}): paths are read relative to {root}; pass root=... pointing at the "
+            "folder they are relative to, or fix the list."
+        )
+    return samples
+
+
+class ImageListDomain(Domain):
+    """Images listed in a text file, one ``relative/path.jpg <int label>`` per line.
+
+    This is the list convention of the Office / TLlib benchmark lists.
+
+    Args:
+        list_file: the list of the ``"train"`` split. A relative path that does not exist
+            is also looked up under the data root.
+        root: folder the listed paths are relative to (default: the list file's folder).
+        test_list_file: list for the ``"test"`` split; default: the same list (transductive
+            convention, as in :class:`ImageFolderDomain`).
+        classes: class names, index = label. Default ``class_0 .. class_{k-1}`` with ``k``
+            one more than the largest label in the lists.
+        labelled: if False every label is -1.
+    """
+
+    def __init__(
+        self,
+        list_file: str,
+        root: Optional[str] = None,
+        test_list_file: Optional[str] = None,
+        classes: Optional[list[str]] = None,
+        labelled: bool = True,
+    ) -> None:
+        super().__init__(labelled)
+        self.list_file = find_path(list_file, "list file")
+        self.root = find_path(root, "image root") if root else self.list_file.parent
+        self.test_list_file = find_path(test_list_file, "test list file") if test_list_file else None
+        self._given_classes = list(classes) if classes is not None else None
+        self._samples: dict[str, list[tuple[str, int]]] = {}
+
+    def _read(self, split: Split) -> list[tuple[str, int]]:
+        if split not in self._samples:
+            path = self.test_list_file if split == "test" and self.test_list_file else self.list_file
+            self._samples[split] = read_image_list(path, self.root)
+        return self._samples[split]
+
+    @property
+    def name(self) -> str:
+        return self.list_file.stem
+
+    @property
+    def classes(self) -> list[str]:
+        top = max(y for split in ("train", "test") for _, y in self._read(split))
+        if self._given_classes is None:
+            return [f"class_{i}" for i in range(top + 1)]
+        if top >= len(self._given_classes):
+            raise DataError(
+                f"list {self.list_file} uses label {top} but only {len(self._given_classes)} "
+                "class names were given: pass one name per label (classes=[...])."
+            )
+        return list(self._given_classes)
+
+    def _build(self, split: Split) -> Dataset:
+        _ = self.classes  # validates the labels against the class names
+        return FileImageDataset(self._read(split), labelled=self.labelled)
