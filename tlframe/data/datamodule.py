@@ -8,11 +8,12 @@ from typing import Any, Literal, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from tlframe.data.datasets import TransformedDataset
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
+from tlframe.data.samplers import EpochRandomSampler
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,7 +26,7 @@ class TransferDataModule(pl.LightningDataModule):
     Training batches are ``{"source": (x_s, y_s), "target": (x_t, y_t)}``
     (a ``CombinedLoader`` in ``"min_size"`` mode); ``y_t`` is -1 when the target domain is
     unlabelled, and target labels are never needed for training. Both domains yield exactly
-    ``iters_per_epoch`` batches per epoch: each is drawn by a ``RandomSampler`` without
+    ``iters_per_epoch`` batches per epoch: each is drawn by an ``EpochRandomSampler`` without
     replacement over ``iters_per_epoch * batch_size`` samples, so the smaller domain runs
     through fresh permutations. (Under DDP, Lightning shards these samplers, so each rank
     gets ``iters_per_epoch / world_size`` batches.)
@@ -284,10 +285,12 @@ class TransferDataModule(pl.LightningDataModule):
         self._ensure_setup()
         iters = self.num_train_batches()
         transform = self.train_transform()
+        start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        seed = torch.initial_seed()  # set by seed_everything: identical on every DDP rank
         loaders = {}
-        for role, ds, bs in (("source", self.source_train, self.batch_size),
-                             ("target", self.target_train, self.target_batch_size)):
-            sampler = RandomSampler(ds, replacement=False, num_samples=iters * bs)  # type: ignore[arg-type]
+        for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
+                                            ("target", self.target_train, self.target_batch_size))):
+            sampler = EpochRandomSampler(len(ds), iters * bs, seed=seed + i, start_epoch=start_epoch)  # type: ignore[arg-type]
             loaders[role] = self._loader(ds, transform, bs, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")
 
