@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_only
 
 __all__ = ["RunSummary"]
 
@@ -14,6 +14,7 @@ __all__ = ["RunSummary"]
 class RunSummary(pl.Callback):
     """Print the final validation/test metrics and where the logs and checkpoints are (rank 0 only)."""
 
+    @rank_zero_only
     def _report(self, trainer: pl.Trainer, prefix: str) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         lines = [f"tlframe: {prefix.rstrip('/')} results"]
@@ -27,7 +28,7 @@ class RunSummary(pl.Callback):
                 lines.append(f"  last ckpt:   {ckpt.last_model_path}")
             if ckpt.best_model_path:
                 lines.append(f"  best ckpt:   {ckpt.best_model_path}  (by {ckpt.monitor}, no target labels used)")
-        rank_zero_info("\n".join(lines))
+        print("\n".join(lines), flush=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "val/")

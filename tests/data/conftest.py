@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """The read-only folder of real data sets (``../shared/data`` from the repo root, or
-    ``$TLFRAME_TEST_DATA``); skips the test when it is absent."""
-    env = os.environ.get("TLFRAME_TEST_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"real data folder {path} not found (set TLFRAME_TEST_DATA to it)")
-    return path
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _isolated_cache(tmp_path_factory):
-    """Never write into the user's ~/.cache or pick up their data root during tests."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TLFRAME_CACHE_DIR", str(tmp_path_factory.mktemp("tlframe-cache")))
-        mp.delenv("TLFRAME_DATA_ROOT", raising=False)
-        yield
 
 
 def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:

@@ -36,7 +36,7 @@ class EpochRandomSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.epoch += 1
         reps = math.ceil(self.num_samples / self.size)
         order = torch.cat([torch.randperm(self.size, generator=gen) for _ in range(reps)])[: self.num_samples]

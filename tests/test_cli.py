@@ -1,0 +1,99 @@
+"""The ``tlframe`` command: quickstart, configs, checkpoints, errors."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tlframe.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def small_quickstart(tmp_path, *extra: str) -> list[str]:
+    return ["-c", str(CONFIGS / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+            "--data.source.init_args.num_train=200", "--data.target.init_args.num_train=200",
+            "--data.source.init_args.num_test=64", "--data.target.init_args.num_test=64",
+            "--data.batch_size=16", "--data.iters_per_epoch=4", "--trainer.max_epochs=2", *QUIET, *extra]
+
+
+def test_quickstart_fit_writes_logs_checkpoints_and_prints_results(tmp_path, capsys):
+    main(["fit", *small_quickstart(tmp_path)])
+    out = capsys.readouterr().out
+    assert "val/source_acc" in out and "val/target_acc" in out and "tensorboard --logdir" in out
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    best = glob.glob(str(run / "checkpoints" / "best-epoch*.ckpt"))
+    assert len(best) == 1
+    assert glob.glob(str(run / "events.out.tfevents.*"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["strategy"]["class_path"] == "tlframe.strategies.FineTune"
+    ckpt = torch.load(best[0], map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["num_classes"] == 10  # linked from the data module
+    callbacks = {k: v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")}
+    assert [v["monitor"] for v in callbacks.values()] == ["val/source_acc"]  # label-free selection
+
+
+def test_test_and_validate_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys):
+    main(["fit", *small_quickstart(tmp_path)])
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    main(["test", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
+    assert "test/target_acc" in capsys.readouterr().out
+    main(["validate", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
+    # transfer: a new run starting from the first run's backbone, with a frozen backbone
+    main(["fit", *small_quickstart(tmp_path, f"--model.weights={last}", "--model.strategy=tlframe.strategies.FrozenFeatures",
+                                   "--trainer.max_epochs=1")])
+    second = tmp_path / "runs" / "quickstart" / "version_3" / "checkpoints" / "last.ckpt"
+    a = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(second, map_location="cpu", weights_only=False)["state_dict"]
+    backbone = [k for k in a if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(a[k], b[k]) for k in backbone)
+    assert not torch.equal(a["head.classifier.weight"], b["head.classifier.weight"])
+
+
+def test_print_config_shows_every_strategy_knob(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.strategy=tlframe.strategies.DANN", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    init = cfg["model"]["strategy"]["init_args"]
+    assert cfg["model"]["strategy"]["class_path"] == "tlframe.strategies.DANN"
+    assert {"trade_off", "grl_max_steps", "backbone_lr_mult", "freeze_stages", "bn_policy"} <= set(init)
+    assert cfg["checkpoint"]["monitor"] == "val/source_acc"
+
+
+def test_misspelled_config_key_is_rejected_with_its_name(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.bakbone=resnet18"])
+    assert exit_info.value.code != 0
+    assert "bakbone" in capsys.readouterr().err
+
+
+ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["strategy"]["class_path"].startswith("tlframe.strategies.")
+
+
+DIGIT_CONFIGS = [c for c in ALL_CONFIGS if c.startswith("digits/")]
+
+
+@pytest.mark.parametrize("config", DIGIT_CONFIGS)
+def test_digit_configs_train_on_the_real_data(config, shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TLFRAME_DATA_ROOT", str(shared_data))
+    main(["fit", "-c", str(CONFIGS / config), f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.max_steps=3",
+          "--data.iters_per_epoch=3", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu", *QUIET])
+    out = capsys.readouterr().out
+    assert "val/source_acc" in out and "val/target_acc" in out
