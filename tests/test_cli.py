@@ -40,7 +40,7 @@ def test_quickstart_fit_writes_logs_checkpoints_and_prints_results(tmp_path, cap
     assert [v["monitor"] for v in callbacks.values()] == ["val/source_acc"]  # label-free selection
 
 
-def test_test_and_validate_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys):
+def test_test_validate_predict_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys):
     main(["fit", *small_quickstart(tmp_path)])
     last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     capsys.readouterr()
@@ -56,6 +56,13 @@ def test_test_and_validate_from_checkpoint_and_checkpoint_as_pretrained_backbone
     backbone = [k for k in a if k.startswith("backbone.")]
     assert backbone and all(torch.equal(a[k], b[k]) for k in backbone)
     assert not torch.equal(a["head.classifier.weight"], b["head.classifier.weight"])
+    # predict writes one row per target test image with a probability per class
+    main(["predict", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
+    rows = (tmp_path / "runs" / "quickstart" / "version_4" / "predictions.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["index", "pred", "confidence"] and len(rows[0].split(",")) == 13
+    assert len(rows) == 1 + 64
+    probs = [float(v) for v in rows[1].split(",")[3:]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4) and int(rows[1].split(",")[1]) == probs.index(max(probs))
 
 
 def test_print_config_shows_every_strategy_knob(capsys):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
+from typing import Any, Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
-__all__ = ["RunSummary"]
+__all__ = ["RunSummary", "PredictionWriter"]
 
 
 class RunSummary(pl.Callback):
@@ -35,3 +39,35 @@ class RunSummary(pl.Callback):
 
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "test/")
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write ``tlframe predict`` results to ``<run dir>/predictions.csv``: ``index,pred,confidence,prob_0..prob_{C-1}``.
+
+    ``index`` is the position in the predict split (the target test split). Written to a
+    temporary file and renamed, so an interrupted run never leaves a truncated file.
+    Single-process only: under DDP every rank would hold a part (run predict on one device).
+    """
+
+    def __init__(self, output_dir: Optional[str] = None):
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        if not trainer.is_global_zero or not predictions:
+            return
+        batches = predictions[0] if isinstance(predictions[0], list) else predictions
+        probs = torch.cat([b["probs"] for b in batches]).float()
+        out_dir = Path(self.output_dir or trainer.log_dir or ".")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "predictions.csv"
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "pred", "confidence", *[f"prob_{c}" for c in range(probs.shape[1])]])
+            conf, pred = probs.max(dim=1)
+            for i, (p, c, row) in enumerate(zip(pred.tolist(), conf.tolist(), probs.tolist())):
+                writer.writerow([i, p, f"{c:.6f}", *[f"{v:.6f}" for v in row]])
+        os.replace(tmp, path)
+        print(f"tlframe: wrote {len(probs)} predictions to {path}", flush=True)

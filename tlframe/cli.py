@@ -9,7 +9,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from tlframe.callbacks import RunSummary
+from tlframe.callbacks import PredictionWriter, RunSummary
 from tlframe.data import TransferDataModule
 from tlframe.module import TransferModule
 
@@ -23,7 +23,8 @@ class TLFrameCLI(LightningCLI):
     - TensorBoard logger under ``runs/<name>/version_N`` (the resolved config is saved there);
     - checkpoints: ``last.ckpt`` and the best by source validation accuracy (``checkpoint.*``),
       never by target labels;
-    - per-parameter-group learning rates logged (``lr_monitor.*``).
+    - per-parameter-group learning rates logged (``lr_monitor.*``);
+    - ``tlframe predict`` writes ``predictions.csv`` into the run directory (``predictions.*``).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -39,6 +40,7 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
 
