@@ -104,3 +104,19 @@ def test_digit_configs_train_on_the_real_data(config, shared_data, tmp_path, mon
           "--data.iters_per_epoch=3", "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu", *QUIET])
     out = capsys.readouterr().out
     assert "val/source_acc" in out and "val/target_acc" in out
+
+
+@pytest.mark.parametrize("override, env, expected", [
+    ("--model.backbone=resnet_50", {}, "Unknown backbone 'resnet_50'. Close matches: resnet50"),
+    ("--model.weights=/nonexistent/w.pth", {}, "weights file /nonexistent/w.pth does not exist"),
+    ("--data.source=tlframe.data.MNISTDomain", {"TLFRAME_DATA_ROOT": "/nonexistent"}, "data root /nonexistent does not exist"),
+])
+def test_bad_input_gives_a_message_and_exit_code_2_without_traceback(override, env, expected, tmp_path, monkeypatch, capsys):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *small_quickstart(tmp_path), override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlframe: error: ") and expected in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 from jsonargparse import lazy_instance
@@ -9,8 +10,9 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from tlframe.backbones import BackboneError
 from tlframe.callbacks import PredictionWriter, RunSummary
-from tlframe.data import TransferDataModule
+from tlframe.data import DataError, TransferDataModule
 from tlframe.module import TransferModule
 
 __all__ = ["TLFrameCLI", "main"]
@@ -45,8 +47,13 @@ class TLFrameCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
-               save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    """Run the CLI; bad input (data, backbone, weights) ends with its message and exit code 2, not a traceback."""
+    try:
+        TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
+                   save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    except (DataError, BackboneError) as err:
+        print(f"tlframe: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
