@@ -120,3 +120,16 @@ def test_bad_input_gives_a_message_and_exit_code_2_without_traceback(override, e
     err = capsys.readouterr().err
     assert err.startswith("tlframe: error: ") and expected in err and "Traceback" not in err
     assert not (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints").exists()
+
+
+def test_cli_checkpoint_reloads_with_its_strategy(tmp_path):
+    from tlframe.module import TransferModule
+    from tlframe.strategies import DANN
+
+    main(["fit", *small_quickstart(tmp_path, "--model.strategy=tlframe.strategies.DANN", "--model.strategy.hidden=64",
+                                   "--trainer.max_epochs=1")])
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    model = TransferModule.load_from_checkpoint(last)
+    assert isinstance(model.strategy, DANN) and model.strategy.hidden == 64
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(model.strategy.discriminator[0].weight, state["strategy.discriminator.0.weight"])

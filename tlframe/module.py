@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
@@ -68,7 +69,9 @@ class TransferModule(pl.LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["strategy", "optimizer", "scheduler"])
+        with warnings.catch_warnings():  # from the CLI the strategy is stored as its config, so
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")  # load_from_checkpoint rebuilds it
+            self.save_hyperparameters()
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
         self.strategy = strategy if strategy is not None else FineTune()
