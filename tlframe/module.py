@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -69,9 +70,13 @@ class TransferModule(pl.LightningModule):
         scheduler_interval: Literal["step", "epoch"] = "step",
     ):
         super().__init__()
-        with warnings.catch_warnings():  # from the CLI the strategy is stored as its config, so
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")  # load_from_checkpoint rebuilds it
-            self.save_hyperparameters()
+        # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
+        # strategy is its class_path/init_args: keep it, so load_from_checkpoint rebuilds it. Built in
+        # code, the strategy/optimizer objects are left out (they would be pickled into every checkpoint).
+        from_config = _given_hyperparameters.get() is not None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters(ignore=[] if from_config else ["strategy", "optimizer", "scheduler"])
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
         self.strategy = strategy if strategy is not None else FineTune()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
@@ -31,8 +32,9 @@ class TransferDataModule(pl.LightningDataModule):
     through fresh permutations. (Under DDP, Lightning shards these samplers, so each rank
     gets ``iters_per_epoch / world_size`` batches.)
 
-    Splits: the source ``"train"`` split is divided into train and validation parts by
-    ``val_fraction`` (seeded by ``split_seed``); the target ``"train"`` split is the
+    Splits: the source ``"train"`` split is first reduced to ``source_samples_per_class``
+    images per class when that is set, then divided into train and validation parts by
+    ``val_fraction`` (both seeded by ``split_seed``); the target ``"train"`` split is the
     unlabelled training data and the target ``"test"`` split is used for evaluation (for
     folder domains without a separate test folder these are the same images: transductive
     DA).
@@ -68,7 +70,14 @@ class TransferDataModule(pl.LightningDataModule):
             ``size / crop_pct``, random crop, horizontal flip) or ``"timm"`` (timm's
             training transform: random resized crop, flip, colour jitter).
         image_size: overrides the backbone's input height and width.
-        split_seed: seed of the source train/val split.
+        split_seed: seed of the source train/val split and of the per-class subset.
+        source_samples_per_class: keep only this many images of each class of the source
+            ``"train"`` split (a "labels per class" budget, e.g. 10 or 100), chosen uniformly at
+            random per class with a generator seeded by ``split_seed``, before the train/val
+            split (so ``val_fraction`` is taken out of these ``k * num_classes`` images). The
+            same seed gives the same images. ``None`` (default) keeps every image. A class
+            with fewer images than requested is a :class:`DataError` naming the class and
+            its count.
     """
 
     def __init__(
@@ -86,11 +95,12 @@ class TransferDataModule(pl.LightningDataModule):
         train_augmentation: Literal["none", "crop_flip", "timm"] = "none",
         image_size: Optional[int] = None,
         split_seed: int = 0,
+        source_samples_per_class: Optional[int] = None,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size),
                            ("iters_per_epoch", iters_per_epoch), ("eval_batch_size", eval_batch_size),
-                           ("image_size", image_size)):
+                           ("image_size", image_size), ("source_samples_per_class", source_samples_per_class)):
             if value is not None and int(value) < 1:
                 raise DataError(f"{key}={value} must be a positive integer: pass a value >= 1.")
         if not 0.0 <= val_fraction < 1.0:
@@ -114,6 +124,7 @@ class TransferDataModule(pl.LightningDataModule):
         self.train_augmentation = train_augmentation
         self.image_size = image_size
         self.split_seed = int(split_seed)
+        self.source_samples_per_class = None if source_samples_per_class is None else int(source_samples_per_class)
         self.data_config: Optional[dict[str, Any]] = None
         # Raw datasets of (PIL image, label), built in setup().
         self.source_train: Optional[Dataset] = None
@@ -174,7 +185,12 @@ class TransferDataModule(pl.LightningDataModule):
         for what, ds in datasets.items():
             if len(ds) == 0:  # type: ignore[arg-type]
                 raise DataError(f"the {what} split is empty: give that domain some images.")
-        n = len(full)  # type: ignore[arg-type]
+        # Indices into the full source train split that take part in the train/val split.
+        if self.source_samples_per_class is None:
+            pool = list(range(len(full)))  # type: ignore[arg-type]
+        else:
+            pool = self._per_class_subset(full)
+        n = len(pool)
         n_val = 0 if self.val_fraction == 0 else min(max(1, round(n * self.val_fraction)), n - 1)
         if self.val_fraction > 0 and n_val == 0:
             raise DataError(
@@ -182,8 +198,8 @@ class TransferDataModule(pl.LightningDataModule):
                 "out a validation part: set val_fraction=0 or give the source more images."
             )
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-        source_train = Subset(full, sorted(perm[n_val:]))
-        source_val = Subset(full, sorted(perm[:n_val]))
+        source_train = Subset(full, sorted(pool[i] for i in perm[n_val:]))
+        source_val = Subset(full, sorted(pool[i] for i in perm[:n_val]))
         target_train = self.target.dataset("train")
         for role, ds, bs in (("source", source_train, self.batch_size),
                              ("target", target_train, self.target_batch_size)):
@@ -197,6 +213,27 @@ class TransferDataModule(pl.LightningDataModule):
         self.source_train, self.source_val = source_train, source_val
         self.source_test = self.source.dataset("test")
         self.target_train, self.target_test = target_train, self.target.dataset("test")
+
+    def _per_class_subset(self, full: Dataset) -> list[int]:
+        """Sorted indices of ``source_samples_per_class`` images per class of ``full`` (seeded by ``split_seed``)."""
+        k = self.source_samples_per_class
+        assert k is not None
+        labels = _labels_of(full)
+        counts = [int((labels == c).sum()) for c in range(self.num_classes)]
+        short = [(self.classes[c], n) for c, n in enumerate(counts) if n < k]
+        if short:
+            listed = ", ".join(f"class {name!r} has {n}" for name, n in short)
+            raise DataError(
+                f"source_samples_per_class={k} but the source {self.source.name} train split has fewer "
+                f"images in {len(short)} class(es): {listed} (per-class counts: {counts}): lower "
+                f"source_samples_per_class to at most {min(counts)} or set it to null for all images."
+            )
+        generator = torch.Generator().manual_seed(self.split_seed)
+        chosen: list[int] = []
+        for c in range(self.num_classes):
+            idx = torch.from_numpy(np.flatnonzero(labels == c))
+            chosen.extend(idx[torch.randperm(len(idx), generator=generator)[:k]].tolist())
+        return sorted(chosen)
 
     def _ensure_setup(self) -> None:
         if self.source_train is None:
@@ -309,6 +346,14 @@ class TransferDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         self._ensure_setup()
         return self._loader(self.target_test, self.eval_transform(), self.eval_batch_size)  # type: ignore[arg-type]
+
+
+def _labels_of(ds: Dataset) -> np.ndarray:
+    """Labels of a raw dataset: its ``labels`` array when it has one (no image decoding), else read item by item."""
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return np.asarray(labels, dtype=np.int64)
+    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)  # type: ignore[arg-type]
 
 
 def _per_channel(values, channels: int) -> tuple[float, ...]:

@@ -1,0 +1,329 @@
+"""Shared machinery of the digit benchmark scripts (``run_digits.py``, ``run_transfer.py``).
+
+- :func:`run_cell`: run one ``tlframe fit`` as a subprocess, resumably: a run directory that
+  holds ``done.json`` is skipped; a successful run writes ``done.json`` atomically; a failed run
+  writes nothing (it is retried next time) and is reported as failed.
+- :func:`read_scalars` / :func:`summarize_scalars`: read a run's TensorBoard events with
+  TensorBoard's own ``EventAccumulator``.
+- :func:`mean_std`, :func:`format_cell`, :func:`format_wall`, :func:`cell_values`,
+  :func:`markdown_table`: the pure aggregation and rendering the tables are built from (tested
+  on hand-made numbers in ``tests/benchmarks/test_digits_benchmark.py``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+#: Metric reported in the tables: accuracy on the target test split, logged at every validation.
+TARGET_METRIC = "val/target_acc"
+SOURCE_METRIC = "val/source_acc"
+STD_NOTE = "± is the sample standard deviation over seeds (ddof=1)"
+ORACLE_NOTE = ("oracle = max over epochs of val/target_acc: it picks the epoch with the target test labels, "
+               "so it is an upper bound on model selection, not a valid unsupervised/few-label result")
+
+
+def default_data_root() -> Path:
+    """``../shared/data`` relative to the repository root."""
+    return REPO.parent / "shared" / "data"
+
+
+def resolve_path(value: Optional[str], default: Path) -> Path:
+    """A user-given path (relative to the current directory) or ``default``; always absolute."""
+    return Path(value).expanduser().resolve() if value else default.resolve()
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the repository root when it is inside it (shorter, machine-independent), else absolute."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def split_extra(extra: Optional[Sequence[str]]) -> list[str]:
+    """``--extra`` values (each a shell-quoted string of CLI overrides) as one argument list."""
+    return [arg for chunk in (extra or []) for arg in shlex.split(chunk)]
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class Cell:
+    """One run of the grid: ``row``/``col`` place it in the tables, ``seed`` is the repetition."""
+
+    row: str
+    col: str
+    seed: int
+    out: Path                  # the benchmark's output folder; the run lives in <out>/runs/<name>/version_0
+    name: str                  # logger name, e.g. "mnist2usps/dann/seed0"
+    args: list[str]            # tlframe arguments after "fit" (config, overrides); logger args are added
+    env: dict[str, str] = field(default_factory=dict)
+    needs: list[Path] = field(default_factory=list)  # files that must exist (e.g. a pretrained checkpoint)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "runs" / self.name / "version_0"
+
+    @property
+    def done_file(self) -> Path:
+        return self.run_dir / "done.json"
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def argv(self) -> list[str]:
+        """The full command: ``python -m tlframe fit <args> <logger/progress-bar overrides>``."""
+        return [sys.executable, "-m", "tlframe", "fit", *self.args,
+                f"--trainer.logger.init_args.save_dir={self.out / 'runs'}",
+                f"--trainer.logger.init_args.name={self.name}",
+                "--trainer.logger.init_args.version=0",
+                "--trainer.enable_progress_bar=false"]
+
+    def command(self) -> str:
+        """The command as one shell line, with the environment it needs."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (env + " " if env else "") + shlex.join(self.argv())
+
+
+@dataclass
+class RunResult:
+    cell: Cell
+    status: str                # "done" (ran now), "skipped" (done.json found) or "failed"
+    record: Optional[dict[str, Any]] = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+
+class MetricError(RuntimeError):
+    """A run finished but its events do not hold the metric the tables need."""
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run's TensorBoard events, ``tag -> [(step, value), ...]`` in logging order.
+
+    Uses TensorBoard's own reader (``EventAccumulator``, all events kept, no sampling).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    if not files:
+        raise MetricError(f"no TensorBoard events file in {run_dir}")
+    acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+
+
+def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
+    """The numbers of ``done.json`` from a run's scalars.
+
+    ``last``: the last logged ``val/target_acc`` (the model of ``last.ckpt``); ``oracle_max_over_epochs``:
+    its maximum over the validations (uses target labels for selection, see :data:`ORACLE_NOTE`);
+    ``source_acc_last``: the last ``val/source_acc`` (``None`` without a source validation split).
+    """
+    target = scalars.get(TARGET_METRIC) or []
+    if not target:
+        raise MetricError(f"the events hold no {TARGET_METRIC} scalar (tags: {sorted(scalars)})")
+    source = scalars.get(SOURCE_METRIC) or []
+    return {
+        "metric": TARGET_METRIC,
+        "last": target[-1][1],
+        "last_step": target[-1][0],
+        "oracle_max_over_epochs": max(v for _, v in target),
+        "oracle_note": ORACLE_NOTE,
+        "num_validations": len(target),
+        "source_acc_last": source[-1][1] if source else None,
+    }
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
+    """Run one cell unless its ``done.json`` exists; see the module docstring."""
+    if cell.done_file.is_file():
+        record = json.loads(cell.done_file.read_text())
+        log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {record['last']:.4f}")
+        return RunResult(cell, "skipped", record)
+    missing = [p for p in cell.needs if not p.is_file()]
+    if missing:
+        msg = f"not run: {', '.join(map(str, missing))} missing"
+        log(f"  {cell.label}: FAILED ({msg})")
+        return RunResult(cell, "failed", error=msg)
+    if cell.run_dir.exists():  # left over from a failed or interrupted attempt: start clean
+        shutil.rmtree(cell.run_dir)
+    cell.run_dir.mkdir(parents=True)
+    env = {**os.environ, **cell.env}
+    output = cell.run_dir / "output.log"
+    log(f"  {cell.label}: running ...")
+    start = time.perf_counter()
+    with output.open("w") as f:
+        f.write(cell.command() + "\n\n")
+        f.flush()
+        proc = subprocess.run(cell.argv(), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        msg = f"exit code {proc.returncode}; see {output}"
+        log(f"  {cell.label}: FAILED ({msg})\n{_tail(output)}")
+        return RunResult(cell, "failed", error=msg)
+    try:
+        summary = summarize_scalars(read_scalars(cell.run_dir))
+    except MetricError as err:
+        log(f"  {cell.label}: FAILED ({err})")
+        return RunResult(cell, "failed", error=str(err))
+    record = {
+        "row": cell.row, "col": cell.col, "seed": cell.seed,
+        **summary,
+        "wall_s": round(wall, 2),
+        "command": cell.command(),
+        "argv": cell.argv(),
+        "run_dir": str(cell.run_dir),
+        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(cell.done_file, record)
+    log(f"  {cell.label}: done in {wall:.0f} s, {TARGET_METRIC} last {summary['last']:.4f}")
+    return RunResult(cell, "done", record)
+
+
+def run_cells(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[RunResult]:
+    results = []
+    for i, cell in enumerate(cells, 1):
+        log(f"[{i}/{len(cells)}]")
+        results.append(run_cell(cell, log))
+    return results
+
+
+# --------------------------------------------------------------------------- aggregation (pure)
+def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (ddof=1; ``None`` for a single value)."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_cell(values: Sequence[float], n_failed: int = 0, scale: float = 100.0, decimals: int = 1) -> str:
+    """``"mean ± std (n=k)"`` of ``values * scale`` (accuracies in [0, 1] -> percent).
+
+    A single value is ``"m (n=1)"``; failed runs are counted (``"...; 1 failed"``), never dropped
+    silently; no values at all is ``"failed (k runs)"`` or ``"not run"``.
+    """
+    if not values:
+        return f"failed ({n_failed} run{'s' if n_failed != 1 else ''})" if n_failed else "not run"
+    mean, std = mean_std([v * scale for v in values])
+    text = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+    return f"{text} (n={len(values)}{f'; {n_failed} failed' if n_failed else ''})"
+
+
+def format_wall(values: Sequence[float]) -> str:
+    """Mean wall time in seconds, ``"123 s"`` (``"–"`` without finished runs)."""
+    return f"{statistics.fmean(values):.0f} s" if values else "–"
+
+
+def cell_values(results: Iterable[RunResult], row: str, col: str, key: str) -> tuple[list[float], int]:
+    """The ``done.json`` field ``key`` of the finished runs of one cell (in seed order), and the number of failed runs."""
+    mine = sorted((r for r in results if r.cell.row == row and r.cell.col == col), key=lambda r: r.cell.seed)
+    values = [float(r.record[key]) for r in mine if r.ok and r.record is not None and r.record.get(key) is not None]
+    return values, sum(1 for r in mine if not r.ok)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table (first column left-aligned, the others right-aligned)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    out = [line(header), "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def grid_table(results: Sequence[RunResult], rows: Sequence[tuple[str, str]], cols: Sequence[tuple[str, str]],
+               key: str, refs: Optional[dict[tuple[str, str], str]] = None, first: str = "",
+               fmt: Callable[[list[float], int], str] = format_cell) -> str:
+    """One table: a row per ``(row id, row title)``, a column per ``(col id, col title)``, each cell
+    ``fmt(values of key, n_failed)``; with ``refs`` every column is followed by a "ref." column
+    (``refs[(row, col)]``, ``"–"`` when absent)."""
+    header = [first]
+    for _, title in cols:
+        header += [title, "ref."] if refs is not None else [title]
+    body = []
+    for row, row_title in rows:
+        line = [row_title]
+        for col, _ in cols:
+            line.append(fmt(*cell_values(results, row, col, key)))
+            if refs is not None:
+                line.append(refs.get((row, col), "–"))
+        body.append(line)
+    return markdown_table(header, body)
+
+
+# --------------------------------------------------------------------------- report
+def machine_lines() -> list[str]:
+    """Where the numbers were produced: platform, CPU count, Python, torch, device."""
+    import torch
+
+    device = f"CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU only (no CUDA device)"
+    return [
+        f"- machine: `{platform.platform()}`, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), {device}",
+        f"- Python {platform.python_version()}, torch {torch.__version__}",
+    ]
+
+
+def regen_command(script: Path, argv: Sequence[str]) -> str:
+    """The command line that regenerates a results file, relative to the repository root."""
+    try:
+        rel = script.resolve().relative_to(REPO)
+    except ValueError:
+        rel = script.resolve()
+    return shlex.join(["python", str(rel), *argv])
+
+
+def today() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def failures_section(results: Sequence[RunResult]) -> list[str]:
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return []
+    return ["", "## Failed runs", "", *[f"- `{r.cell.label}`: {r.error}" for r in failed]]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_data_root(root: Path) -> None:
+    if not root.is_dir():
+        raise SystemExit(f"error: data root {root} does not exist: pass --data-root (the folder with MNIST/raw, "
+                         "usps/usps.h5 and mnist_m.tar.gz)")

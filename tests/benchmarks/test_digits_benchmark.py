@@ -1,0 +1,215 @@
+"""The digit benchmark scripts: aggregation/rendering on hand-made numbers, and one shortened real cell each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.digits import common, run_digits, run_transfer  # noqa: E402
+from benchmarks.digits.common import Cell, RunResult  # noqa: E402
+
+SHORT = "--trainer.max_steps=3 --data.iters_per_epoch=3 --trainer.limit_val_batches=2"
+
+
+# --------------------------------------------------------------------------- pure aggregation
+def test_mean_std_is_the_sample_std():
+    assert common.mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, pytest.approx(1.2909944487358056))
+    assert common.mean_std([0.7]) == (0.7, None)
+    with pytest.raises(ValueError):
+        common.mean_std([])
+
+
+@pytest.mark.parametrize("values, failed, expected", [
+    ([0.90, 0.92, 0.94], 0, "92.0 ± 2.0 (n=3)"),
+    ([0.9123, 0.9177, 0.9101], 0, "91.3 ± 0.4 (n=3)"),
+    ([0.5], 0, "50.0 (n=1)"),
+    ([0.5, 0.7], 1, "60.0 ± 14.1 (n=2; 1 failed)"),
+    ([], 3, "failed (3 runs)"),
+    ([], 1, "failed (1 run)"),
+    ([], 0, "not run"),
+])
+def test_format_cell(values, failed, expected):
+    assert common.format_cell(values, failed) == expected
+
+
+def test_format_wall_and_markdown_table():
+    assert common.format_wall([100.0, 201.0]) == "150 s" and common.format_wall([]) == "–"
+    assert common.markdown_table(["task", "a", "b|c"], [["x", "1", "2"]]) == (
+        "| task | a | b\\|c |\n|:---|---:|---:|\n| x | 1 | 2 |")
+
+
+def _result(row, col, seed, last=None, status="done", wall=10.0):
+    cell = Cell(row=row, col=col, seed=seed, out=Path("/o"), name=f"{row}/{col}/seed{seed}", args=[])
+    record = None if last is None else {"last": last, "oracle_max_over_epochs": last + 0.01, "wall_s": wall}
+    return RunResult(cell, status, record, error="" if record else "exit code 1; see log")
+
+
+def test_cell_values_keep_seed_order_and_count_failures():
+    results = [_result("t", "m", 2, 0.3), _result("t", "m", 0, 0.1), _result("t", "m", 1, status="failed"),
+               _result("t", "other", 0, 0.9)]
+    assert common.cell_values(results, "t", "m", "last") == ([0.1, 0.3], 1)
+    assert common.cell_values(results, "u", "m", "last") == ([], 0)
+
+
+def test_digits_render_rows_references_oracle_and_failures():
+    results = [_result("mnist2usps", "source_only", s, v, wall=w) for s, (v, w) in enumerate([(0.81, 100), (0.82, 110), (0.83, 120)])]
+    results += [_result("mnist2usps", "dann", s, status="failed") for s in range(3)]
+    results += [_result("mnist2mnistm", "mmd", 0, 0.5, status="skipped")]
+    text = run_digits.render(results, ["mnist2usps", "mnist2mnistm"], "python benchmarks/digits/run_digits.py",
+                             Path("/o"), [], [0, 1, 2], ["- machine: test"], "2000-01-01")
+    lines = text.splitlines()
+    assert "| task | source only | ref. | DANN | ref. | DAN (MMD) | ref. |" in lines
+    assert "| MNIST → USPS | 82.0 ± 1.0 (n=3) | 82.1 | failed (3 runs) | 91.7 | not run | 86.0 |" in lines
+    assert "| MNIST → MNIST-M | not run | 52.25 | not run | 76.66 | 50.0 (n=1) | – |" in lines
+    assert "| MNIST → USPS | 83.0 ± 1.0 (n=3) | failed (3 runs) | not run |" in lines  # oracle = last + 1 point
+    assert "| MNIST → USPS | 110 s | – | – |" in lines
+    assert "## Oracle (not a valid DA result)" in lines and "- machine: test" in lines
+    assert "ddof=1" in text and "`python benchmarks/digits/run_digits.py`" in text and "2000-01-01" in text
+    assert "- `mnist2usps/dann/seed0`: exit code 1; see log" in lines
+    assert "Shortened runs" not in text
+    assert "Shortened runs" in run_digits.render(results, ["mnist2usps"], "x", Path("/o"), ["--trainer.max_steps=3"],
+                                                 [0], [], "d")
+
+
+def test_summarize_and_read_scalars(tmp_path):
+    scalars = {"val/target_acc": [(99, 0.5), (199, 0.8), (299, 0.7)], "val/source_acc": [(99, 0.9), (299, 0.95)]}
+    s = common.summarize_scalars(scalars)
+    assert (s["last"], s["oracle_max_over_epochs"], s["source_acc_last"], s["num_validations"]) == (0.7, 0.8, 0.95, 3)
+    assert common.summarize_scalars({"val/target_acc": [(0, 0.1)]})["source_acc_last"] is None
+    with pytest.raises(common.MetricError, match="no val/target_acc"):
+        common.summarize_scalars({"train/loss": [(0, 1.0)]})
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    for step, value in [(10, 0.25), (20, 0.75), (30, 0.5)]:
+        writer.add_scalar("val/target_acc", value, step)
+    writer.close()
+    assert common.read_scalars(tmp_path)["val/target_acc"] == [(10, 0.25), (20, 0.75), (30, 0.5)]
+    with pytest.raises(common.MetricError, match="no TensorBoard events"):
+        common.read_scalars(tmp_path / "nothing")
+
+
+def test_write_json_atomic(tmp_path):
+    common.write_json_atomic(tmp_path / "done.json", {"a": 1})
+    common.write_json_atomic(tmp_path / "done.json", {"a": 2})
+    assert json.loads((tmp_path / "done.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["done.json"]
+
+
+# --------------------------------------------------------------------------- commands
+def test_digits_cells_commands(tmp_path):
+    cells = run_digits.build_cells(["usps2mnist"], ["source_only", "mmd"], [0, 1], tmp_path, Path("/data"), ["--x=1"])
+    assert [c.name for c in cells] == ["usps2mnist/source_only/seed0", "usps2mnist/source_only/seed1",
+                                       "usps2mnist/mmd/seed0", "usps2mnist/mmd/seed1"]
+    argv = cells[3].argv()
+    assert argv[:4] == [sys.executable, "-m", "tlframe", "fit"]
+    assert argv[4:] == ["-c", str(ROOT / "configs/digits/usps2mnist/mmd.yaml"), "--seed_everything=1", "--x=1",
+                        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                        "--trainer.logger.init_args.name=usps2mnist/mmd/seed1", "--trainer.logger.init_args.version=0",
+                        "--trainer.enable_progress_bar=false"]
+    assert cells[3].env == {"TLFRAME_DATA_ROOT": "/data"}
+    assert cells[3].run_dir == tmp_path / "runs/usps2mnist/mmd/seed1/version_0"
+    assert cells[3].command().startswith("TLFRAME_DATA_ROOT=/data ")
+
+
+def test_transfer_cells_commands(tmp_path):
+    pre = run_transfer.pretrain_cell(0, tmp_path, Path("/data"), ["--x=1"])
+    weights = run_transfer.pretrained_weights(pre)
+    assert weights == tmp_path / "runs/pretrain_mnist/seed0/version_0/checkpoints/last.ckpt"
+    assert pre.args == ["-c", str(run_transfer.PRETRAIN_CONFIG), "--seed_everything=0", "--x=1"]
+    cells = run_transfer.transfer_cells(["10", "all"], list(run_transfer.METHODS), [3], tmp_path, Path("/data"),
+                                        weights, ["--x=1"])
+    by_name = {c.name: c for c in cells}
+    assert list(by_name) == [f"usps_{k}/{m}/seed3" for k in ("10", "all") for m in run_transfer.METHODS]
+    common_args = ["-c", str(run_transfer.TRANSFER_CONFIG), "--seed_everything=3", "--data.split_seed=3"]
+    assert by_name["usps_10/scratch/seed3"].args == [
+        *common_args, "--data.source_samples_per_class=10", "--model.strategy=tlframe.strategies.FineTune",
+        "--model.strategy.backbone_lr_mult=1.0", "--x=1"]
+    assert by_name["usps_10/scratch/seed3"].needs == []
+    assert by_name["usps_all/frozen/seed3"].args == [
+        *common_args, "--data.source_samples_per_class=null", "--model.strategy=tlframe.strategies.FrozenFeatures",
+        f"--model.weights={weights}", "--x=1"]
+    freeze = by_name["usps_10/finetune_freeze1/seed3"]
+    assert "--model.strategy.freeze_stages=1" in freeze.args and "--model.strategy.backbone_lr_mult=0.1" in freeze.args
+    assert freeze.needs == [weights] and by_name["usps_10/finetune/seed3"].needs == [weights]
+    # a cell whose pretrained weights are missing is reported as failed without running
+    result = common.run_cell(freeze, log=lambda s: None)
+    assert result.status == "failed" and "missing" in result.error and not freeze.run_dir.exists()
+    # the table says so
+    text = run_transfer.render(RunResult(pre, "failed", error="exit code 1"), [result], ["10"], "cmd", tmp_path, [],
+                               [3], [], "d")
+    assert "| 10 per class (100 images) | not run | not run | not run | failed (1 run) |" in text.splitlines()
+    assert "FAILED (exit code 1)" in text
+
+
+def test_failed_run_writes_no_done_json_and_is_retried(tmp_path):
+    cell = Cell(row="r", col="c", seed=0, out=tmp_path, name="bad/seed0",
+                args=["-c", str(ROOT / "configs/quickstart.yaml"), "--model.bakbone=resnet18"])
+    result = common.run_cell(cell, log=lambda s: None)
+    assert result.status == "failed" and "exit code" in result.error
+    assert not cell.done_file.exists() and "bakbone" in (cell.run_dir / "output.log").read_text()
+    assert common.format_cell(*common.cell_values([result], "r", "c", "last")) == "failed (1 run)"
+
+
+# --------------------------------------------------------------------------- one shortened real cell each
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits" / name), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_run_digits_one_short_cell_then_resume(shared_data, tmp_path):
+    args = ["--tasks", "mnist2usps", "--methods", "dann", "--seeds", "0", "--extra", SHORT, "--out", str(tmp_path),
+            "--results", str(tmp_path / "digits.md"), "--data-root", str(shared_data)]
+    first = _script("run_digits.py", *args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    run_dir = tmp_path / "runs" / "mnist2usps" / "dann" / "seed0" / "version_0"
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["metric"] == "val/target_acc" and 0.0 <= done["last"] <= done["oracle_max_over_epochs"] <= 1.0
+    assert 0.0 <= done["source_acc_last"] <= 1.0 and done["wall_s"] > 0 and done["num_validations"] == 1
+    assert "configs/digits/mnist2usps/dann.yaml --seed_everything=0 --trainer.max_steps=3" in done["command"]
+    assert f"TLFRAME_DATA_ROOT={shared_data}" in done["command"] and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    table = (tmp_path / "digits.md").read_text()
+    row = f"| MNIST → USPS | not run | 82.1 | {100 * done['last']:.1f} (n=1) | 91.7 | not run | 86.0 |"
+    assert row in table.splitlines() and "Shortened runs" in table and "run_digits.py --tasks mnist2usps" in table
+    # resumable: the second invocation finds done.json and does not run again
+    stamp = (run_dir / "done.json").stat().st_mtime_ns
+    second = _script("run_digits.py", *args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "mnist2usps/dann/seed0: skipped (done.json found)" in second.stdout and "running" not in second.stdout
+    assert (run_dir / "done.json").stat().st_mtime_ns == stamp
+    assert row in (tmp_path / "digits.md").read_text().splitlines()
+
+
+def test_run_transfer_one_short_cell(shared_data, tmp_path):
+    first = _script("run_transfer.py", "--labels", "10", "--methods", "finetune_freeze1", "--seeds", "0", "--extra", SHORT,
+                    "--out", str(tmp_path), "--results", str(tmp_path / "transfer.md"), "--data-root", str(shared_data))
+    assert first.returncode == 0, first.stdout + first.stderr
+    pre = json.loads((tmp_path / "runs/pretrain_mnist/seed0/version_0/done.json").read_text())
+    assert pre["source_acc_last"] is not None  # MNIST has a source validation split
+    run_dir = tmp_path / "runs/usps_10/finetune_freeze1/seed0/version_0"
+    done = json.loads((run_dir / "done.json").read_text())
+    assert done["source_acc_last"] is None  # val_fraction 0: no source validation, target accuracy only
+    assert "--data.source_samples_per_class=10" in done["command"]
+    assert "--model.weights=" + str(tmp_path / "runs/pretrain_mnist/seed0/version_0/checkpoints/last.ckpt") in done["command"]
+    row = f"| 10 per class (100 images) | not run | not run | not run | {100 * done['last']:.1f} (n=1) |"
+    assert row in (tmp_path / "transfer.md").read_text().splitlines()
+
+
+@pytest.mark.parametrize("config", [run_transfer.PRETRAIN_CONFIG, run_transfer.TRANSFER_CONFIG])
+def test_benchmark_configs_parse(config, capsys):
+    import yaml
+
+    from tlframe.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(config), "--data.source_samples_per_class=10", "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["backbone"] == "lenet" and cfg["data"]["source_samples_per_class"] == 10
