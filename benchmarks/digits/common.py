@@ -327,3 +327,11 @@ def check_data_root(root: Path) -> None:
     if not root.is_dir():
         raise SystemExit(f"error: data root {root} does not exist: pass --data-root (the folder with MNIST/raw, "
                          "usps/usps.h5 and mnist_m.tar.gz)")
+
+
+def resolve_io(args, default_out: Path, default_results: Path) -> tuple[Path, Path, Path, list[str]]:
+    """The run folder, the checked data root, the results file and the extra CLI overrides of a benchmark's arguments."""
+    data_root = resolve_path(args.data_root, default_data_root())
+    check_data_root(data_root)
+    return (resolve_path(args.out, default_out), data_root, resolve_path(args.results, default_results),
+            split_extra(args.extra))

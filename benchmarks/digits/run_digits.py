@@ -25,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, check_data_root, default_data_root, display_path, failures_section,
-    format_wall, grid_table, machine_lines, regen_command, resolve_path, run_cells, split_extra, today,
+    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, display_path, failures_section,
+    format_wall, grid_table, machine_lines, regen_command, resolve_io, run_cells, today,
     write_text_atomic,
 )
 
@@ -130,11 +130,7 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out = resolve_path(args.out, DEFAULT_OUT)
-    data_root = resolve_path(args.data_root, default_data_root())
-    results_path = resolve_path(args.results, DEFAULT_RESULTS)
-    check_data_root(data_root)
-    extra = split_extra(args.extra)
+    out, data_root, results_path, extra = resolve_io(args, DEFAULT_OUT, DEFAULT_RESULTS)
     cells = build_cells(args.tasks, args.methods, args.seeds, out, data_root, extra)
     print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
     results = run_cells(cells, log=lambda s: print(s, flush=True))

@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, check_data_root, default_data_root, display_path, failures_section,
-    format_wall, grid_table, machine_lines, regen_command, resolve_path, run_cell, run_cells, split_extra, today,
+    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, display_path, failures_section,
+    format_wall, grid_table, machine_lines, regen_command, resolve_io, run_cell, run_cells, split_extra, today,
     write_text_atomic,
 )
 
@@ -191,11 +191,7 @@ def render(pretrain: RunResult, results: Sequence[RunResult], labels: Sequence[s
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out = resolve_path(args.out, DEFAULT_OUT)
-    data_root = resolve_path(args.data_root, default_data_root())
-    results_path = resolve_path(args.results, DEFAULT_RESULTS)
-    check_data_root(data_root)
-    extra = split_extra(args.extra)
+    out, data_root, results_path, extra = resolve_io(args, DEFAULT_OUT, DEFAULT_RESULTS)
     log = lambda s: print(s, flush=True)  # noqa: E731
     pre_cell = pretrain_cell(args.pretrain_seed, out, data_root, [*extra, *split_extra(args.pretrain_extra)])
     weights = pretrained_weights(pre_cell)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_synthetic_dm  # noqa: E402

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from tlframe.backbones import backbone_stages
-from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers, trainable
+from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers
 from tlframe.strategies.base import Progress, Strategy
 
 __all__ = ["FineTune", "FrozenFeatures"]
