@@ -335,3 +335,11 @@ def resolve_io(args, default_out: Path, default_results: Path) -> tuple[Path, Pa
     check_data_root(data_root)
     return (resolve_path(args.out, default_out), data_root, resolve_path(args.results, default_results),
             split_extra(args.extra))
+
+
+def write_results(path: Path, text: str, results: Sequence[RunResult], name: str) -> int:
+    """Write the table atomically, say how many runs finished and failed; the exit code (1 if any failed)."""
+    write_text_atomic(path, text)
+    n_failed = sum(not r.ok for r in results)
+    print(f"{name}: wrote {path} ({len(results) - n_failed} runs finished, {n_failed} failed)")
+    return 1 if n_failed else 0

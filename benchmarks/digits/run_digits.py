@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.digits.common import (  # noqa: E402
     ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, display_path, failures_section,
     format_wall, grid_table, machine_lines, regen_command, resolve_io, run_cells, today,
-    write_text_atomic,
+    write_results,
 )
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST", "mnist2mnistm": "MNIST → MNIST-M"}
@@ -136,10 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_cells(cells, log=lambda s: print(s, flush=True))
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
-    write_text_atomic(results_path, text)
-    n_failed = sum(not r.ok for r in results)
-    print(f"run_digits: wrote {results_path} ({len(results) - n_failed} runs finished, {n_failed} failed)")
-    return 1 if n_failed else 0
+    return write_results(results_path, text, results, "run_digits")
 
 
 if __name__ == "__main__":

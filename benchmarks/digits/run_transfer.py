@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from benchmarks.digits.common import (  # noqa: E402
     ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, display_path, failures_section,
     format_wall, grid_table, machine_lines, regen_command, resolve_io, run_cell, run_cells, split_extra, today,
-    write_text_atomic,
+    write_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -202,10 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_cells(cells, log)
     text = render(pretrain, results, args.labels, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
-    write_text_atomic(results_path, text)
-    n_failed = sum(not r.ok for r in [pretrain, *results])
-    print(f"run_transfer: wrote {results_path} ({len(results) + 1 - n_failed} runs finished, {n_failed} failed)")
-    return 1 if n_failed else 0
+    return write_results(results_path, text, [pretrain, *results], "run_transfer")
 
 
 if __name__ == "__main__":
