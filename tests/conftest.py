@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
+from PIL import Image
 
 from tlframe.data import SyntheticDomain, TransferDataModule
 
@@ -27,6 +29,22 @@ def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                     default_root_dir=str(tmp_path), deterministic=True)
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), seed: int = 0) -> Path:
+    """Write a small random image in ``mode`` (RGB, L, P, RGBA, ...) to ``path``."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    img = rgb.convert(mode) if mode != "P" else rgb.quantize(16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_writer():
+    """The :func:`write_image` helper, as a fixture."""
+    return write_image
 
 
 @pytest.fixture
@@ -57,3 +75,18 @@ def _isolated_cache(tmp_path_factory):
         mp.setenv("TLFRAME_CACHE_DIR", str(tmp_path_factory.mktemp("tlframe-cache")))
         mp.delenv("TLFRAME_DATA_ROOT", raising=False)
         yield
+
+
+@pytest.fixture
+def make_folder(tmp_path):
+    """Build an ImageFolder tree: ``make_folder("name", {"cls": n_images, ...})`` (image modes cycle through ``modes``)."""
+
+    def make(name: str, counts: dict[str, int], ext: str = ".png", modes: tuple[str, ...] = ("RGB",)) -> Path:
+        root = tmp_path / name
+        for ci, (cls, n) in enumerate(counts.items()):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                write_image(root / cls / f"{i:03d}{ext}", mode=modes[i % len(modes)], seed=100 * ci + i)
+        return root
+
+    return make

@@ -76,13 +76,6 @@ def test_print_config_shows_every_strategy_knob(capsys):
     assert cfg["checkpoint"]["monitor"] == "val/source_acc"
 
 
-def test_misspelled_config_key_is_rejected_with_its_name(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", str(CONFIGS / "quickstart.yaml"), "--model.bakbone=resnet18"])
-    assert exit_info.value.code != 0
-    assert "bakbone" in capsys.readouterr().err
-
-
 ALL_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 
 
@@ -106,22 +99,6 @@ def test_digit_configs_train_on_the_real_data(config, shared_data, tmp_path, mon
     assert "val/source_acc" in out and "val/target_acc" in out
 
 
-@pytest.mark.parametrize("override, env, expected", [
-    ("--model.backbone=resnet_50", {}, "Unknown backbone 'resnet_50'. Close matches: resnet50"),
-    ("--model.weights=/nonexistent/w.pth", {}, "weights file /nonexistent/w.pth does not exist"),
-    ("--data.source=tlframe.data.MNISTDomain", {"TLFRAME_DATA_ROOT": "/nonexistent"}, "data root /nonexistent does not exist"),
-])
-def test_bad_input_gives_a_message_and_exit_code_2_without_traceback(override, env, expected, tmp_path, monkeypatch, capsys):
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *small_quickstart(tmp_path), override])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tlframe: error: ") and expected in err and "Traceback" not in err
-    assert not (tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints").exists()
-
-
 def test_cli_checkpoint_reloads_with_its_strategy(tmp_path):
     from tlframe.module import TransferModule
     from tlframe.strategies import DANN
@@ -133,3 +110,22 @@ def test_cli_checkpoint_reloads_with_its_strategy(tmp_path):
     assert isinstance(model.strategy, DANN) and model.strategy.hidden == 64
     state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(model.strategy.discriminator[0].weight, state["strategy.discriminator.0.weight"])
+
+
+def test_same_seed_and_config_give_identical_runs_with_config_versions_and_commit_saved(tmp_path, capsys):
+    import json
+
+    outs, states = [], []
+    for name in ("a", "b"):
+        main(["fit", *small_quickstart(tmp_path / name, "--model.bottleneck_dropout=0.5",
+                                       "--data.train_augmentation=crop_flip", "--trainer.deterministic=true")])
+        outs.append([line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("val/")])
+        run = tmp_path / name / "runs" / "quickstart" / "version_0"
+        states.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"])
+        info = json.loads((run / "run_info.json").read_text())
+        assert (run / "config.yaml").is_file() and info["stage"] == "fit" and info["seed"] == 0
+        assert info["packages"]["torch"] == torch.__version__.split("+")[0] and info["packages"]["tlframe"]
+        git = info["git"]["tlframe"]
+        assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

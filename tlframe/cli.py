@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
 from typing import Optional
 
+import torch
 from jsonargparse import lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
-from tlframe.callbacks import PredictionWriter, RunSummary
+from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary
 from tlframe.data import DataError, TransferDataModule
-from tlframe.module import TransferModule
+from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
 __all__ = ["TLFrameCLI", "main"]
 
@@ -26,7 +30,8 @@ class TLFrameCLI(LightningCLI):
     - checkpoints: ``last.ckpt`` and the best by source validation accuracy (``checkpoint.*``),
       never by target labels;
     - per-parameter-group learning rates logged (``lr_monitor.*``);
-    - ``tlframe predict`` writes ``predictions.csv`` into the run directory (``predictions.*``).
+    - ``tlframe predict`` writes ``predictions.csv`` into the run directory (``predictions.*``);
+    - ``run_info.json`` (versions, git commits, command, seed, machine) next to ``config.yaml``.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -42,18 +47,45 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(RunInfo, "run_info")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
 
+#: Exceptions that end ``tlframe`` with their message alone (no traceback) and an exit code.
+BAD_INPUT_ERRORS = (DataError, BackboneError, CheckpointMismatchError, MisconfigurationException, FileNotFoundError)
+EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
+
+
+def error_message(err: BaseException) -> str:
+    """The user-facing part of an error; an error raised in a DataLoader worker loses the worker's traceback dump."""
+    text = str(err)
+    if "Original Traceback" in text:  # re-raised by torch from a worker: keep the original message (its last line)
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(err, MisconfigurationException) and re.search(r"gpu|cuda", text, re.I) and not torch.cuda.is_available():
+        text += (" No CUDA GPU is visible on this machine (torch.cuda.is_available() is False): run with "
+                 "--trainer.accelerator=cpu (or auto) and --trainer.devices=1, or check the driver and CUDA_VISIBLE_DEVICES.")
+    elif isinstance(err, FileNotFoundError) and "heckpoint" in text:
+        text += ": pass an existing checkpoint, e.g. --ckpt_path=runs/<name>/version_N/checkpoints/last.ckpt."
+    return text
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Run the CLI; bad input (data, backbone, weights) ends with its message and exit code 2, not a traceback."""
+    """Run the CLI. Bad input (data, backbone, weights, checkpoint, trainer settings) ends with its message
+    and exit code 2, a non-finite loss with exit code 3: a message that names the problem and the fix, no traceback.
+    """
     try:
-        TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
-                   save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
-    except (DataError, BackboneError) as err:
+        with warnings.catch_warnings():
+            # Resuming mid-epoch is exact with tlframe's loaders (they skip the batches already trained).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
+                       save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
+    except BAD_INPUT_ERRORS as err:
+        print(f"tlframe: error: {error_message(err)}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+    except NonFiniteLossError as err:
         print(f"tlframe: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_NON_FINITE) from None
 
 
 if __name__ == "__main__":

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from tlframe.atomic import AtomicCheckpointIO
 from tlframe.backbones import create_backbone, data_config
 from tlframe.heads import TransferHead
 from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
+from tlframe.seeding import run_seed, step_seed
 from tlframe.strategies import FineTune, Progress, Strategy, TransferStep
 
-__all__ = ["TransferModule"]
+__all__ = ["TransferModule", "NonFiniteLossError", "CheckpointMismatchError"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training stopped before that step's update."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tensors do not fit the model built from the config."""
 
 _DOMAINS = ("source", "target")
 
@@ -49,6 +61,11 @@ class TransferModule(pl.LightningModule):
             then the base LR that the group multipliers scale.
         scheduler: any torch LR scheduler; default ``InverseDecayLR`` (``lr (1 + 0.001 step)^-0.75``).
         scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+        check_finite_loss: stop with :class:`NonFiniteLossError` (naming the loss term, the
+            step and the last good checkpoint) as soon as a loss term or the gradient is
+            NaN/inf, before the optimizer step, so no checkpoint ever holds non-finite
+            weights. Costs one device-to-host sync per step (a collective under DDP, so all
+            ranks stop together); set ``false`` to skip it.
     """
 
     def __init__(
@@ -68,6 +85,7 @@ class TransferModule(pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        check_finite_loss: bool = True,
     ):
         super().__init__()
         # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
@@ -95,9 +113,14 @@ class TransferModule(pl.LightningModule):
         return data_config(self.backbone)
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._trainer is None:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "set_data_config"):
             dm.set_data_config(self.data_config)
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     # -- forward -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +151,8 @@ class TransferModule(pl.LightningModule):
 
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout & co. draw from a generator seeded by (run seed, rank, global_step): resume-exact.
+        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step))
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -137,6 +162,8 @@ class TransferModule(pl.LightningModule):
         out = self.strategy.compute(TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress,
                                                  z_t=z_t, f_t=f_t, logits_t=g_t))
         loss = out.total()
+        if self.hparams.check_finite_loss:  # checked with the gradients, before the optimizer step
+            self._step_losses = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()} | {"train/loss": loss.detach()}
         bs = x_s.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()}, batch_size=bs)
@@ -145,7 +172,37 @@ class TransferModule(pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.hparams.check_finite_loss:
+            self._stop_if_not_finite(optimizer)
         self.strategy.on_before_optimizer_step(self.backbone, self.progress)
+
+    def _stop_if_not_finite(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise :class:`NonFiniteLossError` if a loss term or a gradient is NaN/inf (one host sync; a collective under DDP).
+
+        Gradients are not checked under ``16-mixed``, where the gradient scaler expects
+        (and skips) steps with infinite gradients.
+        """
+        losses = getattr(self, "_step_losses", {})
+        finite = [torch.isfinite(v).all() for v in losses.values()]
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads and self.trainer.precision != "16-mixed":
+            finite.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        bad = bool(finite) and not bool(torch.stack(finite).all())
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return
+        values = {k: float(v) for k, v in losses.items()}
+        culprits = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)] or [
+            f"the gradients (loss terms finite: {values})" if grads and not bool(finite[-1]) else "a loss on another DDP rank"]
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        raise NonFiniteLossError(
+            f"non-finite values at step {self.global_step} (epoch {self.current_epoch}): {', '.join(culprits)}. "
+            "Training stopped before this step's update, so no checkpoint holds non-finite weights"
+            + (f"; the last good checkpoint is {ckpt}" if ckpt else "")
+            + ". Fixes: lower the learning rate (model.lr) or the transfer loss weight (model.strategy.trade_off), "
+            "check the input data, or use precision bf16-mixed instead of 16-mixed."
+        )
 
     # -- evaluation --------------------------------------------------------------------
     def _domain(self, stage: str, dataloader_idx: int) -> str:
@@ -178,6 +235,23 @@ class TransferModule(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         probs = self(x).softmax(dim=1)
         return {"probs": probs, "pred": probs.argmax(dim=1)}
+
+    # -- checkpoints -------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that names mismatching tensors and the fix instead of a size-mismatch dump."""
+        own = self.state_dict()
+        wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+        missing = sorted(set(own) - set(state_dict)) if strict else []
+        if wrong or missing:
+            detail = "; ".join(wrong[:6] + [f"missing {k}" for k in missing[:6]])
+            raise CheckpointMismatchError(
+                f"the checkpoint does not fit this model ({detail}): it was trained with another backbone, "
+                "num_classes (data classes), bottleneck_dim or strategy. Resume/evaluate with the config of "
+                "the run that wrote it, or pass it as model.weights to start a new run from its backbone "
+                "(the head is then rebuilt)."
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self) -> dict:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from tlframe.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[2]
 #: Metric reported in the tables: accuracy on the target test split, logged at every validation.
 TARGET_METRIC = "val/target_acc"
@@ -153,10 +155,8 @@ def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON to ``path`` atomically (never a half-written file)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -316,13 +316,6 @@ def failures_section(results: Sequence[RunResult]) -> list[str]:
     return ["", "## Failed runs", "", *[f"- `{r.cell.label}`: {r.error}" for r in failed]]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def check_data_root(root: Path) -> None:
     if not root.is_dir():
         raise SystemExit(f"error: data root {root} does not exist: pass --data-root (the folder with MNIST/raw, "
@@ -339,7 +332,7 @@ def resolve_io(args, default_out: Path, default_results: Path) -> tuple[Path, Pa
 
 def write_results(path: Path, text: str, results: Sequence[RunResult], name: str) -> int:
     """Write the table atomically, say how many runs finished and failed; the exit code (1 if any failed)."""
-    write_text_atomic(path, text)
+    atomic_write_text(path, text)
     n_failed = sum(not r.ok for r in results)
     print(f"{name}: wrote {path} ({len(results) - n_failed} runs finished, {n_failed} failed)")
     return 1 if n_failed else 0

@@ -158,6 +158,28 @@ def test_failed_run_writes_no_done_json_and_is_retried(tmp_path):
     assert common.format_cell(*common.cell_values([result], "r", "c", "last")) == "failed (1 run)"
 
 
+def test_killed_sweep_resumes_without_redoing_finished_runs_or_counting_the_half_finished_one(tmp_path):
+    quick = ["-c", str(ROOT / "configs/quickstart.yaml"), "--data.source.init_args.num_train=100",
+             "--data.target.init_args.num_train=100", "--data.source.init_args.num_test=32",
+             "--data.target.init_args.num_test=32", "--data.batch_size=16", "--data.iters_per_epoch=2",
+             "--trainer.max_epochs=1"]
+    finished, killed = (Cell(row="r", col="c", seed=s, out=tmp_path, name=f"quick/seed{s}",
+                             args=[*quick, f"--seed_everything={s}"]) for s in (0, 1))
+    assert common.run_cell(finished, log=lambda s: None).status == "done"
+    stamp = finished.done_file.stat().st_mtime_ns
+    # what a SIGKILL mid-run leaves: a run folder with logs and a checkpoint, but no done.json
+    (killed.run_dir / "checkpoints").mkdir(parents=True)
+    (killed.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"cut short")
+    (killed.run_dir / "events.out.tfevents.0.host").write_bytes(b"partial")
+    lines: list[str] = []
+    results = common.run_cells([finished, killed], log=lines.append)
+    assert [r.status for r in results] == ["skipped", "done"]
+    assert finished.done_file.stat().st_mtime_ns == stamp  # not redone
+    assert not (killed.run_dir / "events.out.tfevents.0.host").exists()  # the half-finished attempt was started clean
+    values, n_failed = common.cell_values(results, "r", "c", "last")
+    assert len(values) == 2 and n_failed == 0 and "quick/seed0: skipped (done.json found)" in "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- one shortened real cell each
 def _script(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "digits" / name), *args], capture_output=True,

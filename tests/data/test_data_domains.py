@@ -196,3 +196,23 @@ def test_datasets_pickle(make_folder):
         clone = pickle.loads(pickle.dumps(TransformedDataset(ds, None, "RGB")))
         a, b = clone[1][0], TransformedDataset(ds, None, "RGB")[1][0]
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_seeded_items_give_the_same_augmentation_whatever_came_before(make_folder):
+    import random
+
+    import torch
+    from torchvision import transforms as T
+
+    from tlframe.data.datasets import TransformedDataset
+
+    root = make_folder("aug", {"a": 2})
+    ds = TransformedDataset(ImageFolderDomain(root=str(root)).dataset("train"),
+                            T.Compose([T.RandomCrop(6), T.RandomHorizontalFlip(), T.ToTensor()]))
+    first = ds[(1, 1234)][0]
+    torch.rand(7), random.random()  # other draws in between must not matter
+    assert torch.equal(ds[(1, 1234)][0], first)
+    assert any(not torch.equal(ds[(1, s)][0], first) for s in range(5))  # other seeds: other crops
+    state = torch.get_rng_state()
+    ds[(0, 99)]
+    assert torch.equal(torch.get_rng_state(), state)  # the global generator is left as it was

@@ -15,6 +15,7 @@ from tlframe.data.datasets import TransformedDataset
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.samplers import EpochRandomSampler
+from tlframe.seeding import run_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -323,13 +324,30 @@ class TransferDataModule(pl.LightningDataModule):
         iters = self.num_train_batches()
         transform = self.train_transform()
         start_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        seed = torch.initial_seed()  # set by seed_everything: identical on every DDP rank
+        skip = self._batches_done_in_epoch(iters)
+        seed = run_seed()  # set by seed_everything: identical on every DDP rank
         loaders = {}
         for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
                                             ("target", self.target_train, self.target_batch_size))):
-            sampler = EpochRandomSampler(len(ds), iters * bs, seed=seed + i, start_epoch=start_epoch)  # type: ignore[arg-type]
+            sampler = EpochRandomSampler(len(ds), iters * bs, seed=seed + i, start_epoch=start_epoch,  # type: ignore[arg-type]
+                                         skip=skip * bs, item_seeds=self.train_augmentation != "none")
             loaders[role] = self._loader(ds, transform, bs, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")
+
+    def _batches_done_in_epoch(self, iters: int) -> int:
+        """Batches of the current epoch already trained when the run was resumed mid-epoch (else 0).
+
+        The training loaders then leave them out, so the resumed epoch sees exactly the
+        batches an uninterrupted run would. Single process only: under DDP the interrupted
+        epoch's order restarts from its beginning (Lightning's distributed sampler wrapper
+        re-lists the sampler, so a shortened first pass would shorten the epoch).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1:
+            return 0
+        loop = trainer.fit_loop.epoch_loop
+        done = loop.batch_progress.current.processed
+        return done if loop.restarting and 0 < done < iters else 0
 
     def val_dataloader(self) -> list[DataLoader]:
         self._ensure_setup()

@@ -6,10 +6,12 @@ work; no lambdas or closures.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -93,7 +95,12 @@ def convert_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 class TransformedDataset(Dataset):
-    """Wraps a raw dataset: converts each image to ``mode`` then applies ``transform``."""
+    """Wraps a raw dataset: converts each image to ``mode`` then applies ``transform``.
+
+    An index may be an ``(index, seed)`` pair (from ``EpochRandomSampler(item_seeds=True)``):
+    the transform then runs with torch's and Python's random generators seeded by ``seed``
+    (and restored afterwards), so a random augmentation depends on the seed alone.
+    """
 
     def __init__(self, dataset: Dataset, transform: Optional[Callable], mode: str = "RGB") -> None:
         if mode not in ("L", "RGB"):
@@ -105,9 +112,20 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: Union[int, tuple[int, int]]):
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
         img, label = self.dataset[index]
         img = convert_mode(img, self.mode)
-        if self.transform is not None:
+        if self.transform is None:
+            return img, label
+        if seed is None:
+            return self.transform(img), label
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
             img = self.transform(img)
+        random.setstate(py_state)
         return img, label

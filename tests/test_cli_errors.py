@@ -1,0 +1,156 @@
+"""Bad input through the real CLI: non-zero exit, one message naming the problem and the fix, no traceback,
+and the outputs of an earlier run left untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlframe.cli import EXIT_BAD_INPUT, EXIT_NON_FINITE, main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+CLASSES = {"cat": 8, "dog": 8, "owl": 8}
+
+
+def synthetic_args(runs: Path, *extra: str) -> list[str]:
+    return ["-c", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={runs}",
+            "--data.source.init_args.num_train=120", "--data.target.init_args.num_train=120",
+            "--data.source.init_args.num_test=32", "--data.target.init_args.num_test=32",
+            "--data.batch_size=16", "--data.iters_per_epoch=3", "--trainer.max_epochs=1", *QUIET, *extra]
+
+
+def folder_args(runs: Path, source: Path, target: Path, *extra: str) -> list[str]:
+    return synthetic_args(runs, "--data.source=tlframe.data.ImageFolderDomain", f"--data.source.init_args.root={source}",
+                          "--data.target=tlframe.data.ImageFolderDomain", f"--data.target.init_args.root={target}",
+                          "--data.batch_size=4", *extra)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory) -> Path:
+    """A finished run whose files every bad invocation below must leave as they are."""
+    runs = tmp_path_factory.mktemp("runs")
+    main(["fit", *synthetic_args(runs)])
+    return runs
+
+
+def run_bad(capsys, args: list[str], code: int = EXIT_BAD_INPUT) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def tlframe_error(err: str) -> str:
+    """The one error line; it must be a single paragraph."""
+    lines = [line for line in err.splitlines() if line.startswith("tlframe: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def folder_cases(make_folder, tmp_path):
+    good = make_folder("good", CLASSES)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hollow = make_folder("hollow", CLASSES)
+    for f in (hollow / "owl").iterdir():
+        f.unlink()
+    other = make_folder("other", {"cat": 8, "dog": 8, "fox": 8})
+    corrupt = make_folder("corrupt", CLASSES)
+    (corrupt / "dog" / "zz_broken.png").write_bytes(b"\x89PNG but not really")
+    return {
+        "missing data root": (tmp_path / "nowhere", good, ["nowhere does not exist", "pass an existing path"]),
+        "empty domain folder": (empty, good, ["has no class folders", "<root>/<class>/<image>"]),
+        "class folder without images": (hollow, good, ["owl has no images", "accepted extensions"]),
+        "different class sets": (good, other, ["has classes ['cat', 'dog', 'owl']", "['cat', 'dog', 'fox']",
+                                               "make the class folders"]),
+        "corrupt image": (corrupt, good, ["zz_broken.png cannot be read", "replace or delete the file"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing data root", "empty domain folder", "class folder without images",
+                                  "different class sets", "corrupt image"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_data_folders(case, workers, earlier_run, make_folder, tmp_path, capsys):
+    if workers and case != "corrupt image":
+        pytest.skip("only image decoding happens in the loader workers")
+    before = snapshot(earlier_run)
+    source, target, expected = folder_cases(make_folder, tmp_path)[case]
+    err = run_bad(capsys, ["fit", *folder_args(earlier_run, source, target, f"--data.num_workers={workers}")])
+    line = tlframe_error(err)
+    assert all(text in line for text in expected), line
+    assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before
+
+
+def test_grey_palette_and_rgba_images_just_work(make_folder, tmp_path, capsys):
+    source = make_folder("mixed_s", CLASSES, modes=("RGB", "L", "P", "RGBA"))
+    target = make_folder("mixed_t", CLASSES, modes=("P", "RGBA", "L", "RGB"))
+    main(["fit", *folder_args(tmp_path / "runs", source, target)])
+    assert "val/target_acc" in capsys.readouterr().out
+
+
+def _last_ckpt(runs: Path) -> Path:
+    return runs / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def test_bad_arguments_models_and_checkpoints(earlier_run, make_folder, tmp_path, capsys):
+    """Each case: (extra CLI arguments, texts the message must contain)."""
+    before = snapshot(earlier_run)
+    ckpt = _last_ckpt(earlier_run)
+    not_a_ckpt = tmp_path / "notes.pth"
+    not_a_ckpt.write_text("not a checkpoint")
+    three = make_folder("three", CLASSES)
+    cases = [
+        (["--model.backbone=resnet_50"], ["Unknown backbone 'resnet_50'", "Close matches: resnet50"]),
+        (["--model.weights=/nonexistent/w.pth"], ["weights file /nonexistent/w.pth does not exist", "tlframe checkpoint"]),
+        ([f"--model.weights={not_a_ckpt}"], [str(not_a_ckpt)]),
+        ([f"--model.weights={ckpt}", "--model.backbone=lenet"], [str(ckpt)]),  # another architecture's weights
+        (["--data.batch_size=500"], ["source batch size 500 is larger than the source train set", "lower batch_size"]),
+        ([f"--ckpt_path={tmp_path / 'none.ckpt'}"], ["none.ckpt", "pass an existing checkpoint"]),
+        # resuming a 10-class run on 3-class data: the head does not fit
+        (["--data.source=tlframe.data.ImageFolderDomain", f"--data.source.init_args.root={three}",
+          "--data.target=tlframe.data.ImageFolderDomain", f"--data.target.init_args.root={three}", "--data.batch_size=4",
+          f"--ckpt_path={ckpt}"], ["head.classifier.weight: checkpoint (10, 256) vs model (3, 256)", "num_classes"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--trainer.accelerator=gpu"], ["No CUDA GPU is visible", "--trainer.accelerator=cpu"]))
+    for extra, expected in cases:
+        line = tlframe_error(run_bad(capsys, ["fit", *synthetic_args(earlier_run, *extra)]))
+        assert all(text in line for text in expected), (extra, line)
+    assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before
+
+
+def test_misspelled_config_key_names_the_key(earlier_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *synthetic_args(earlier_run, "--model.bakbone=resnet18")])
+    assert exit_info.value.code != 0
+    assert "bakbone" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_good_checkpoint(earlier_run, tmp_path, capsys):
+    before = snapshot(earlier_run)
+    runs = tmp_path / "runs"
+    # epoch 0 trains normally (last.ckpt at step 3); then StepLR multiplies the LR by 1e30: the weights blow up
+    err = run_bad(capsys, ["fit", *synthetic_args(runs, "--trainer.max_epochs=3", "--checkpoint.every_n_train_steps=1",
+                                                  "--model.scheduler=torch.optim.lr_scheduler.StepLR",
+                                                  "--model.scheduler.step_size=3", "--model.scheduler.gamma=1e30")],
+                  code=EXIT_NON_FINITE)
+    line = tlframe_error(err)
+    assert "non-finite values at step 4 (epoch 1)" in line and "train/loss_cls = nan" in line, line
+    assert "lower the learning rate" in line
+    last = _last_ckpt(runs)
+    assert f"the last good checkpoint is {last}" in line
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 4  # saved after the 4th update; the next loss (at step 4) was the first NaN ...
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())  # ... so it is finite
+    assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before

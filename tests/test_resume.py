@@ -1,0 +1,74 @@
+"""Fault tolerance: a run killed with SIGKILL mid-epoch and resumed from ``last.ckpt`` ends exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlframe.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ITERS = 6  # batches per epoch
+# DANN with dropout and random crop/flip: every source of randomness a run has (data order, augmentation,
+# dropout, the GRL schedule, the LR schedule) must come back identical after the resume.
+ARGS = ["-c", str(ROOT / "configs" / "quickstart.yaml"),
+        "--data.source.init_args.num_train=200", "--data.target.init_args.num_train=200",
+        "--data.source.init_args.num_test=64", "--data.target.init_args.num_test=64",
+        "--data.batch_size=16", f"--data.iters_per_epoch={ITERS}", "--data.train_augmentation=crop_flip",
+        "--model.strategy=tlframe.strategies.DANN", "--model.strategy.grl_max_steps=10", "--model.bottleneck_dropout=0.5",
+        "--trainer.max_epochs=4", "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=4",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def _state(ckpt: Path) -> dict:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)
+
+
+def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, timeout: float = 240.0) -> int:
+    """Freeze the run each time last.ckpt changes; SIGKILL it when that checkpoint is mid-epoch. Returns its step."""
+    seen, deadline = None, time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.exists() and last.stat().st_mtime_ns != seen:
+            proc.send_signal(signal.SIGSTOP)
+            seen = last.stat().st_mtime_ns
+            step = _state(last)["global_step"]
+            if step % ITERS:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return step
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("the run ended before a mid-epoch checkpoint could be interrupted")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
+    main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
+    full_out = capsys.readouterr().out
+    reference = _state(tmp_path / "full" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    assert reference["global_step"] == 4 * ITERS
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tlframe", "fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/killed"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed" / "quickstart" / "version_0" / "checkpoints"
+    step = _kill_when_last_ckpt_is_mid_epoch(proc, run / "last.ckpt")
+    assert proc.returncode == -signal.SIGKILL and 0 < step < 4 * ITERS and step % ITERS
+    killed_at = _state(run / "last.ckpt")  # complete and loadable: written atomically
+    assert killed_at["global_step"] == step
+
+    main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/killed", f"--ckpt_path={run / 'last.ckpt'}"])
+    resumed_out = capsys.readouterr().out
+    resumed = _state(tmp_path / "killed" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == reference["global_step"]
+    for key, value in reference["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
+    assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 6
