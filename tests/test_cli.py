@@ -133,3 +133,13 @@ def test_cli_checkpoint_reloads_with_its_strategy(tmp_path):
     assert isinstance(model.strategy, DANN) and model.strategy.hidden == 64
     state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     assert torch.equal(model.strategy.discriminator[0].weight, state["strategy.discriminator.0.weight"])
+
+
+def test_cached_frozen_features_from_yaml_and_augmentation_error(tmp_path, capsys):
+    cached = ["--model.strategy=tlframe.strategies.FrozenFeatures", "--model.strategy.cache_features=memory"]
+    main(["fit", *small_quickstart(tmp_path, *cached, "--trainer.max_epochs=1")])
+    assert "val/source_acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *small_quickstart(tmp_path, *cached, "--data.train_augmentation=crop_flip")])
+    assert exit_info.value.code == 2
+    assert "train_augmentation='crop_flip' cannot be used with cached features" in capsys.readouterr().err
