@@ -259,6 +259,9 @@ class TransferDataModule(pl.LightningDataModule):
     def use_feature_cache(self, cache: Optional[FeatureCache]) -> None:
         """Serve backbone features from ``cache`` in every loader (``None``: images again).
 
+        Each split's features are computed when its loader is first built (in batches of
+        ``eval_batch_size``, with ``num_workers`` workers, eval transform) and reused afterwards.
+
         Raises:
             DataError: with ``train_augmentation`` other than ``"none"``: a cached feature
                 stands for the eval-transformed image, so random augmentation cannot be applied.

@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,11 +44,11 @@ __all__ = ["CacheMode", "FeatureCache", "dataset_fingerprint", "state_dict_hash"
 CacheMode = Literal["none", "memory", "disk"]
 
 
-def _hasher() -> "hashlib._Hash":
+def _hasher() -> Any:
     return hashlib.blake2b(digest_size=16)
 
 
-def _update(h: "hashlib._Hash", array: np.ndarray) -> None:
+def _update(h: Any, array: np.ndarray) -> None:
     h.update(str((array.dtype, array.shape)).encode())
     h.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
 
@@ -102,9 +102,9 @@ class FeatureCache:
         self.loaded: list[str] = []
         self._memory: dict[str, TensorDataset] = {}
 
-    def key(self, data: TransformedDataset, identity: str, weights_hash: Optional[str] = None) -> str:
+    def key(self, data: TransformedDataset, identity: str) -> str:
         """The cache key of ``data`` (raw dataset + transform) for the backbone's current weights."""
-        parts = [self.backbone_id, weights_hash or state_dict_hash(self.backbone), repr(data.transform), data.mode,
+        parts = [self.backbone_id, state_dict_hash(self.backbone), repr(data.transform), data.mode,
                  identity, str(len(data)), dataset_fingerprint(data.dataset)]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
