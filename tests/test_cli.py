@@ -129,3 +129,13 @@ def test_same_seed_and_config_give_identical_runs_with_config_versions_and_commi
         assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
     assert outs[0] == outs[1] and len(outs[0]) == 6
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_cached_frozen_features_from_yaml_and_augmentation_error(tmp_path, capsys):
+    cached = ["--model.strategy=tlframe.strategies.FrozenFeatures", "--model.strategy.cache_features=memory"]
+    main(["fit", *small_quickstart(tmp_path, *cached, "--trainer.max_epochs=1")])
+    assert "val/source_acc" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *small_quickstart(tmp_path, *cached, "--data.train_augmentation=crop_flip")])
+    assert exit_info.value.code == 2
+    assert "train_augmentation='crop_flip' cannot be used with cached features" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
 from tlframe.backbones import create_backbone, data_config
+from tlframe.data.feature_cache import FeatureCache
 from tlframe.heads import TransferHead
 from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
 from tlframe.seeding import run_seed, step_seed
@@ -95,10 +96,14 @@ class TransferModule(pl.LightningModule):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=[] if from_config else ["strategy", "optimizer", "scheduler"])
+        self.backbone_id = f"{backbone} {sorted((backbone_kwargs or {}).items())}"
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
         self.strategy = strategy if strategy is not None else FineTune()
         self.strategy.attach(self.backbone, self.head, num_classes)
+        self.feature_cache: Optional[FeatureCache] = None
+        if self.strategy.cache_features != "none":
+            self.feature_cache = FeatureCache(self.strategy.cache_features, self.backbone, self.backbone_id)
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -118,19 +123,25 @@ class TransferModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "set_data_config"):
             dm.set_data_config(self.data_config)
+        if dm is not None and hasattr(dm, "use_feature_cache"):
+            dm.use_feature_cache(self.feature_cache)  # features are built lazily, on this module's device
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
             strategy.checkpoint_io = AtomicCheckpointIO()
 
     # -- forward -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``(N, D)`` of images ``(N, C, H, W)``; a ``(N, D)`` input is already
+        features (from the feature cache) and is returned as it is."""
+        if x.ndim == 2:
+            return x
         if self.strategy.trains_backbone:
             return self.backbone(x)
         with torch.no_grad():
             return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)``."""
+        """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)`` or cached features ``(N, D)``."""
         return self.head(self.features(x))[1]
 
     def _forward_domains(self, x_s: torch.Tensor, x_t: Optional[torch.Tensor]):

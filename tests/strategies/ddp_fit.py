@@ -17,7 +17,8 @@ from conftest import make_synthetic_dm  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
 from tlframe.strategies import DANN, MMD, FineTune, FrozenFeatures  # noqa: E402
 
-STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD}
+STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD,
+              "frozen_cached": lambda: FrozenFeatures(cache_features="memory")}
 
 
 class Recorder(pl.Callback):

@@ -91,7 +91,7 @@ def test_bf16_mixed_fit_runs_every_strategy(strategy_cls, bn_policy, synthetic_d
         assert torch.isfinite(metrics["train/loss_mmd"])
 
 
-@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd"])
+@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached"])
 def test_two_process_cpu_ddp_fit_agrees_across_ranks(name, tmp_path):
     script = Path(__file__).with_name("ddp_fit.py")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tlframe.data.datasets import TransformedDataset
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
+from tlframe.data.feature_cache import FeatureCache
 from tlframe.data.samplers import EpochRandomSampler
 from tlframe.seeding import run_seed
 
@@ -54,6 +55,12 @@ class TransferDataModule(pl.LightningDataModule):
     :meth:`set_data_config` (after ``setup()``, before the dataloaders are built). Every
     image is first converted to the backbone's channel count ("L" for 1 channel, else
     "RGB"), so grey, palette and RGBA images work with any backbone.
+
+    Feature cache: after :meth:`use_feature_cache` (called by the module for
+    ``FrozenFeatures(cache_features="memory" | "disk")``), every loader serves
+    ``(backbone features (N, D), labels)`` from a :class:`FeatureCache` built from the eval
+    transform, instead of images; samplers, batch sizes, pairing and labels are unchanged, and
+    such loaders use no worker processes (the batches are slices of tensors in memory).
 
     Args:
         source: labelled source domain.
@@ -127,6 +134,7 @@ class TransferDataModule(pl.LightningDataModule):
         self.split_seed = int(split_seed)
         self.source_samples_per_class = None if source_samples_per_class is None else int(source_samples_per_class)
         self.data_config: Optional[dict[str, Any]] = None
+        self.feature_cache: Optional[FeatureCache] = None
         # Raw datasets of (PIL image, label), built in setup().
         self.source_train: Optional[Dataset] = None
         self.source_val: Optional[Dataset] = None
@@ -249,6 +257,25 @@ class TransferDataModule(pl.LightningDataModule):
             raise DataError(f"data config input_size {cfg['input_size']} is not (C, H, W): fix the config.")
         self.data_config = cfg
 
+    def use_feature_cache(self, cache: Optional[FeatureCache]) -> None:
+        """Serve backbone features from ``cache`` in every loader (``None``: images again).
+
+        Each split's features are computed when its loader is first built (in batches of
+        ``eval_batch_size``, with ``num_workers`` workers, eval transform) and reused afterwards.
+
+        Raises:
+            DataError: with ``train_augmentation`` other than ``"none"``: a cached feature
+                stands for the eval-transformed image, so random augmentation cannot be applied.
+        """
+        if cache is not None and self.train_augmentation != "none":
+            raise DataError(
+                f"train_augmentation={self.train_augmentation!r} cannot be used with cached features: the "
+                "cache holds one feature vector per image, computed with the eval transform, so nothing "
+                "is augmented. Set data.train_augmentation: none, or cache_features: none on the "
+                "FrozenFeatures strategy to recompute the backbone on augmented images every epoch."
+            )
+        self.feature_cache = cache
+
     def _resolved_config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"input_size": (3, 32, 32), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                "interpolation": "bilinear", "crop_pct": 1.0}
@@ -299,16 +326,25 @@ class TransferDataModule(pl.LightningDataModule):
         ])
 
     # ----------------------------------------------------------------- loaders
-    def _loader(self, ds: Dataset, transform, batch_size: int, sampler=None, drop_last: bool = False) -> DataLoader:
+    def _loader(self, ds: Dataset, transform, batch_size: int, name: str, sampler=None,
+                drop_last: bool = False) -> DataLoader:
+        """A loader of ``ds`` (``name``: role and split, e.g. ``"source val"``), images or cached features."""
+        data: Dataset = TransformedDataset(ds, transform, self.image_mode)
+        workers = self.num_workers
+        if self.feature_cache is not None:
+            role = name.split()[0]
+            identity = f"{self.source if role == 'source' else self.target!r} {name}"
+            data = self.feature_cache.dataset(data, identity, self.eval_batch_size, self.num_workers)  # type: ignore[arg-type]
+            workers = 0
         return DataLoader(
-            TransformedDataset(ds, transform, self.image_mode),
+            data,
             batch_size=batch_size,
             sampler=sampler,
             shuffle=False,
             drop_last=drop_last,
-            num_workers=self.num_workers,
+            num_workers=workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
         )
 
     def num_train_batches(self) -> int:
@@ -331,7 +367,7 @@ class TransferDataModule(pl.LightningDataModule):
                                             ("target", self.target_train, self.target_batch_size))):
             sampler = EpochRandomSampler(len(ds), iters * bs, seed=seed + i, start_epoch=start_epoch,  # type: ignore[arg-type]
                                          skip=skip * bs, item_seeds=self.train_augmentation != "none")
-            loaders[role] = self._loader(ds, transform, bs, sampler=sampler, drop_last=True)  # type: ignore[arg-type]
+            loaders[role] = self._loader(ds, transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")
 
     def _batches_done_in_epoch(self, iters: int) -> int:
@@ -352,18 +388,20 @@ class TransferDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         self._ensure_setup()
         transform = self.eval_transform()
-        by_name = {"source": self.source_val, "target": self.target_test}
-        return [self._loader(by_name[n], transform, self.eval_batch_size) for n in self.val_domains]  # type: ignore[arg-type]
+        split = {"source": ("val", self.source_val), "target": ("test", self.target_test)}
+        return [self._loader(split[n][1], transform, self.eval_batch_size, f"{n} {split[n][0]}")  # type: ignore[arg-type]
+                for n in self.val_domains]
 
     def test_dataloader(self) -> list[DataLoader]:
         self._ensure_setup()
         transform = self.eval_transform()
-        by_name = {"source": self.source_test, "target": self.target_test}
-        return [self._loader(by_name[n], transform, self.eval_batch_size) for n in self.test_domains]  # type: ignore[arg-type]
+        split = {"source": self.source_test, "target": self.target_test}
+        return [self._loader(split[n], transform, self.eval_batch_size, f"{n} test")  # type: ignore[arg-type]
+                for n in self.test_domains]
 
     def predict_dataloader(self) -> DataLoader:
         self._ensure_setup()
-        return self._loader(self.target_test, self.eval_transform(), self.eval_batch_size)  # type: ignore[arg-type]
+        return self._loader(self.target_test, self.eval_transform(), self.eval_batch_size, "target test")  # type: ignore[arg-type]
 
 
 def _labels_of(ds: Dataset) -> np.ndarray:

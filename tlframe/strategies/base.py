@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, trainable
 
 __all__ = ["Progress", "TransferStep", "StrategyOutput", "Strategy"]
@@ -82,6 +83,8 @@ class Strategy(nn.Module):
 
     uses_target: bool = False
     trains_backbone: bool = True
+    #: Serve cached backbone features instead of images (only a strategy that never trains the backbone may set it).
+    cache_features: CacheMode = "none"
 
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
                  label_smoothing: float = 0.0):

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from tlframe.backbones import backbone_stages
+from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers
 from tlframe.strategies.base import Progress, Strategy
 
@@ -118,9 +119,30 @@ class FrozenFeatures(Strategy):
     """Linear probe / feature extraction: the backbone is frozen (no grad, eval mode, BN stats untouched), only the head trains.
 
     Set the module's ``bottleneck_dim: 0`` for a pure linear classifier on the features.
+
+    Args:
+        cache_features: ``"none"`` (default) runs the backbone on every batch. ``"memory"``
+            runs it once per image of every split the data module serves (source train/val/test,
+            target train/test), with the eval transform, and then trains and evaluates the head
+            on those features (see :mod:`tlframe.data.feature_cache`); ``"disk"`` also saves them
+            under ``$TLFRAME_CACHE_DIR/features`` and reuses them in later runs with the same
+            backbone, weights, transform and data. The trade-off: a cached image is always
+            seen through the eval transform, so ``train_augmentation`` must be ``"none"`` (any
+            other value is an error), and under AMP the cache is float32 while the uncached
+            path computes features under autocast. Sampling, pairing, labels and checkpoints
+            are those of the uncached path. Needs a :class:`~tlframe.data.TransferDataModule`;
+            with plain dataloaders images go through the backbone as usual.
+        head_lr_mult, bn_policy, label_smoothing: see :class:`Strategy`.
     """
 
     trains_backbone = False
+
+    def __init__(self, cache_features: CacheMode = "none", head_lr_mult: float = 1.0,
+                 bn_policy: Literal["joint", "separate"] = "joint", label_smoothing: float = 0.0):
+        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing)
+        if cache_features not in ("none", "memory", "disk"):
+            raise ValueError(f"cache_features must be 'none', 'memory' or 'disk', got {cache_features!r}")
+        self.cache_features = cache_features
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
         backbone.requires_grad_(False)
