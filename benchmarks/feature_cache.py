@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.digits.common import (REPO, display_path, machine_lines, markdown_table, regen_command,  # noqa: E402
-                                      resolve_path, today, write_text_atomic)
+                                      resolve_path, today)
+from tlframe.atomic import atomic_write_text  # noqa: E402
 from tlframe.data import SyntheticDomain, TransferDataModule  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
 from tlframe.strategies import FrozenFeatures  # noqa: E402
@@ -130,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plain = measure("none", args)
     cached = measure(args.cache, args)
     text = report(args, argv, plain, cached)
-    write_text_atomic(results, text)
+    atomic_write_text(results, text)
     print(text)
     print(f"feature_cache: wrote {results}")
     return 0

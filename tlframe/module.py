@@ -173,11 +173,12 @@ class TransferModule(pl.LightningModule):
         out = self.strategy.compute(TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress,
                                                  z_t=z_t, f_t=f_t, logits_t=g_t))
         loss = out.total()
+        terms = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()}
         if self.hparams.check_finite_loss:  # checked with the gradients, before the optimizer step
-            self._step_losses = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()} | {"train/loss": loss.detach()}
+            self._step_losses = {**terms, "train/loss": loss.detach()}
         bs = x_s.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        self.log_dict({f"train/loss_{k}": v.detach() for k, v in out.losses.items()}, batch_size=bs)
+        self.log_dict(terms, batch_size=bs)
         self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=bs)
         self.log("train/source_acc", (g_s.argmax(1) == y_s).float().mean(), batch_size=bs)
         return loss
