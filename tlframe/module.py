@@ -49,6 +49,12 @@ class TransferModule(pl.LightningModule):
             then the base LR that the group multipliers scale.
         scheduler: any torch LR scheduler; default ``InverseDecayLR`` (``lr (1 + 0.001 step)^-0.75``).
         scheduler_interval: step the scheduler every ``"step"`` or every ``"epoch"``.
+        channels_last: keep the backbone's weights and its input batches in the ``channels_last``
+            (NHWC) memory format: faster convolutions with bf16/fp16 tensor cores on GPUs, usually
+            no gain (or a loss) for small fp32 models on CPU. Numerics are unchanged.
+        compile: compile the backbone's forward with ``torch.compile`` (``nn.Module.compile``,
+            so the module and its ``backbone.*`` checkpoint keys stay as they are). The first
+            steps pay the compilation; needs a working C++ compiler on CPU (inductor).
     """
 
     def __init__(
@@ -68,6 +74,8 @@ class TransferModule(pl.LightningModule):
         optimizer: Optional[OptimizerCallable] = None,
         scheduler: Optional[LRSchedulerCallable] = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
@@ -78,6 +86,11 @@ class TransferModule(pl.LightningModule):
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
             self.save_hyperparameters(ignore=[] if from_config else ["strategy", "optimizer", "scheduler"])
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.compile()  # compiles __call__ in place: no wrapper module, same state_dict keys
+        self.channels_last = channels_last
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
         self.strategy = strategy if strategy is not None else FineTune()
         self.strategy.attach(self.backbone, self.head, num_classes)
@@ -101,6 +114,8 @@ class TransferModule(pl.LightningModule):
 
     # -- forward -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.strategy.trains_backbone:
             return self.backbone(x)
         with torch.no_grad():
