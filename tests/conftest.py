@@ -25,7 +25,7 @@ def make_synthetic_dm(num_train: int = 64, batch_size: int = 8, iters_per_epoch:
 
 def make_trainer(tmp_path, **kwargs) -> pl.Trainer:
     """A quiet CPU trainer writing into ``tmp_path``."""
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, log_every_n_steps=1,
                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                     default_root_dir=str(tmp_path), deterministic=True)
     return pl.Trainer(**{**defaults, **kwargs})

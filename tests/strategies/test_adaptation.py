@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,24 +92,91 @@ def test_bf16_mixed_fit_runs_every_strategy(strategy_cls, bn_policy, synthetic_d
         assert torch.isfinite(metrics["train/loss_mmd"])
 
 
-@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached"])
-def test_two_process_cpu_ddp_fit_agrees_across_ranks(name, tmp_path):
+ROOT = Path(__file__).resolve().parents[2]
+
+
+DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "syncbn"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """Both ranks of ``ddp_fit.py`` (every strategy, then SyncBatchNorm), started once for all DDP tests.
+
+    The ranks are started here with ``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_*`` set, as a cluster
+    launcher does, and this checkout first on their import path.
+    """
+    out = tmp_path_factory.mktemp("ddp")
     script = Path(__file__).with_name("ddp_fit.py")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, str(script), name, str(tmp_path)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": "2", "NODE_RANK": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), *DDP_RUNS], env={**env, "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=open(out / f"stderr{r}.txt", "w"), cwd=out)
+             for r in (0, 1)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0], (out / "stderr0.txt").read_text()[-3000:] + (out / "stderr1.txt").read_text()[-3000:]
+    return out
+
+
+def _ranks(out: Path) -> tuple[dict, dict]:
+    return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached"])
+def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
+    tmp_path = ddp_runs / name
+    r0, r1 = _ranks(tmp_path)
+    assert Path(r0["tlframe_file"]).resolve().is_relative_to(ROOT)  # the spawned ranks ran this checkout
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["train_batches"] == r1["train_batches"] == 2  # 4 iterations per epoch shared by 2 ranks
     assert [s["step"] for s in r0["steps"]] == [s["step"] for s in r1["steps"]] == [1, 2, 3, 4]
     assert r0["steps"] == r1["steps"]  # coefficient and every group's LR
     if name == "dann":
         assert [s["coeff"] for s in r0["steps"]] == pytest.approx([warm_start_coefficient(i, 4) for i in range(4)])
+    # each epoch, the ranks drew disjoint training samples of both domains, 2 batches of 8 each
+    assert len(r0["epochs"]) == len(r1["epochs"]) == 2
+    if name == "frozen_cached":  # images are read once, to build each rank's cache; batches are cached features
+        assert sorted(set(r0["epochs"][0]["source"])) == sorted(set(r1["epochs"][0]["source"]))
+        r0["epochs"] = r1["epochs"] = []
+    for e0, e1 in zip(r0["epochs"], r1["epochs"]):
+        for domain in ("source", "target"):
+            assert len(e0[domain]) == len(e1[domain]) == 16, domain
+            assert len(set(e0[domain])) == 16 and not set(e0[domain]) & set(e1[domain]), domain
+    assert name == "frozen_cached" or r0["epochs"][0]["source"] != r0["epochs"][1]["source"]  # a fresh order every epoch
     assert r0["checksums"].keys() == r1["checksums"].keys()
     for k, v in r0["checksums"].items():
         if "running_" in k or "num_batches" in k:
             continue  # BatchNorm statistics are per rank (no SyncBatchNorm)
         assert v == pytest.approx(r1["checksums"][k], rel=1e-6, abs=1e-6), k
     assert r0["val"] == pytest.approx(r1["val"]) and "val/target_acc" in r0["val"]
+    assert r0["validate"] == pytest.approx(r1["validate"]) and "val/target_acc" in r0["validate"]
     assert r0["test"] == pytest.approx(r1["test"]) and "test/target_acc" in r0["test"]
+    # logs and checkpoints written once, by rank 0
+    versions = sorted(p.name for p in (tmp_path / "tb" / "run").iterdir())
+    assert versions == ["version_0"]
+    events = list((tmp_path / "tb" / "run" / "version_0").glob("events.out.tfevents.*"))
+    # one event file per stage (fit, validate, test: the writer is closed after each), all by rank 0's process
+    assert len(events) == 3 and {p.name.split(".")[-2] for p in events} == {str(r0["pid"])}, events
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=1-step=4.ckpt", "last.ckpt"]
+    assert not list(tmp_path.glob("lightning_logs*"))
+
+
+def test_two_process_cpu_ddp_sync_batchnorm(ddp_runs):
+    r0, r1 = _ranks(ddp_runs / "syncbn")
+    assert r0["supported"] == r1["supported"]
+    if not r0["supported"]:
+        pytest.skip(f"SyncBatchNorm is CUDA-only in torch {torch.__version__} (CPU/gloo refused: {r0['error']!r})")
+    assert r0["sync_bn_modules"] > 0
+    for k, v in r0["bn"].items():  # synced statistics: the same running means on both ranks
+        assert v == pytest.approx(r1["bn"][k], rel=1e-5, abs=1e-6), k
