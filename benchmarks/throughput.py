@@ -60,7 +60,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from benchmarks.digits.common import REPO, machine_lines, markdown_table, regen_command, today, write_text_atomic  # noqa: E402
+from benchmarks.digits.common import REPO, machine_lines, markdown_table, regen_command, today  # noqa: E402
+from tlframe.atomic import atomic_write_text  # noqa: E402
 from tlframe.backbones import data_config  # noqa: E402  (also registers the digit networks in timm)
 from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
@@ -520,11 +521,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = measure(setup, log=lambda s: print(s, flush=True))
     memory = _Memory(device).description
     text = render(setup, results, argv, args.peak_tflops, memory, time.perf_counter() - t0)
-    write_text_atomic(Path(args.results), text)
+    atomic_write_text(Path(args.results), text)
     if args.json:
         record = {"setup": asdict(setup), "peak_tflops": args.peak_tflops, "memory": memory, "results": results,
                   "mfu": {n: mfu(r, "tlframe", args.peak_tflops) for n, r in results.items()}}
-        write_text_atomic(Path(args.json), json.dumps(record, indent=1))
+        atomic_write_text(Path(args.json), json.dumps(record, indent=1))
     for name, r in results.items():
         print(f"{name:8s} tlframe/raw {r['ratio_tlframe_raw']:.3f}  fast/reference {r['ratio_fast_reference']:.2f}x  "
               f"tlframe {r['variants']['tlframe']['img_s']:.1f} img/s")
