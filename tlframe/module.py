@@ -20,7 +20,7 @@ from tlframe.backbones import create_backbone, data_config
 from tlframe.data.feature_cache import FeatureCache
 from tlframe.heads import TransferHead
 from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
-from tlframe.seeding import run_seed, step_seed
+from tlframe.seeding import run_seed, seed_generators, step_seed
 from tlframe.strategies import FineTune, Progress, Strategy, TransferStep
 
 __all__ = ["TransferModule", "NonFiniteLossError", "CheckpointMismatchError"]
@@ -178,7 +178,7 @@ class TransferModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout & co. draw from a generator seeded by (run seed, rank, global_step): resume-exact.
-        torch.manual_seed(step_seed(run_seed(), self.global_rank, self.global_step))
+        seed_generators(step_seed(run_seed(), self.global_rank, self.global_step), self.device)
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -216,18 +216,18 @@ class TransferModule(pl.LightningModule):
         (and skips) steps with infinite gradients.
         """
         losses = getattr(self, "_step_losses", {})
-        finite = [torch.isfinite(v).all() for v in losses.values()]
+        checked = [losses["train/loss"]] if losses else []  # a NaN/inf term makes the total NaN/inf too
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if grads and self.trainer.precision != "16-mixed":
-            finite.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
-        bad = bool(finite) and not bool(torch.stack(finite).all())
+            checked.append(torch.nn.utils.get_total_norm(grads))
+        bad = bool(checked) and not bool(torch.isfinite(torch.stack(checked)).all())
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if not bad:
             return
         values = {k: float(v) for k, v in losses.items()}
         culprits = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)] or [
-            f"the gradients (loss terms finite: {values})" if grads and not bool(finite[-1]) else "a loss on another DDP rank"]
+            f"the gradients (loss terms finite: {values})" if len(checked) > 1 else "a loss on another DDP rank"]
         ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
         raise NonFiniteLossError(
             f"non-finite values at step {self.global_step} (epoch {self.current_epoch}): {', '.join(culprits)}. "
