@@ -156,7 +156,8 @@ def test_single_channel_backbone_gets_grey_images():
 
 def test_worker_processes():
     dm = TransferDataModule(synth(n=64, n_test=16), synth("target", n=64, n_test=16), batch_size=8,
-                            iters_per_epoch=3, num_workers=2, persistent_workers=True, pin_memory=False)
+                            iters_per_epoch=3, num_workers=2, persistent_workers=True, pin_memory=False,
+                            preload_in_memory=False)  # in-memory sets kept as tensors load in-process
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.flattened[0].num_workers == 2 and loader.flattened[0].persistent_workers
@@ -218,3 +219,24 @@ data:
     with pytest.raises(Exception, match="train_augmentation"):
         parser.parse_string("data: {source: {class_path: tlframe.data.SyntheticDomain}, "
                             "target: {class_path: tlframe.data.SyntheticDomain}, train_augmentation: bogus}")
+
+
+def test_in_memory_sets_keep_their_transformed_tensors_and_give_the_same_batches():
+    from tlframe.data.datasets import MemoizedDataset
+
+    def batches(**kwargs):
+        dm = TransferDataModule(synth(n=40), synth("target", n=40), batch_size=8, iters_per_epoch=3, **kwargs)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return dm, [list(loader) for _ in range(2)]  # two epochs
+
+    dm, cached = batches()
+    _, plain = batches(preload_in_memory=False)
+    for (b_cached, _, _), (b_plain, _, _) in zip(sum(cached, []), sum(plain, [])):
+        for role in ("source", "target"):
+            assert torch.equal(b_cached[role][0], b_plain[role][0]) and torch.equal(b_cached[role][1], b_plain[role][1])
+    memo = {k: v for k, v in dm._preloaded.items() if k.startswith("source train")}
+    assert len(memo) == 1 and isinstance(next(iter(memo.values())), MemoizedDataset)
+    assert sum(item is not None for item in next(iter(memo.values())).items) > 0  # filled by the first epoch
+    augmenting, _ = batches(train_augmentation="crop_flip")
+    assert not any(k.endswith("train") or " train " in k for k in augmenting._preloaded)  # random crops: never kept

@@ -13,7 +13,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from tlframe.data.errors import DataError
 
@@ -129,3 +129,32 @@ class TransformedDataset(Dataset):
             img = self.transform(img)
         random.setstate(py_state)
         return img, label
+
+
+def held_in_memory(ds: Dataset) -> bool:
+    """Whether ``ds`` (or the dataset under its ``Subset`` wrappers) is an :class:`ArrayImageDataset`."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return isinstance(ds, ArrayImageDataset)
+
+
+class MemoizedDataset(Dataset):
+    """``data[i]`` computed on first access and kept: later epochs are tensor look-ups, no image work.
+
+    Only for a deterministic transform (the same tensor every epoch) and in-process loading
+    (``num_workers=0``: worker processes would each fill a copy of their own).
+    Costs ``4 * C * H * W`` bytes per image once every item has been seen.
+    """
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+        self.items: list = [None] * len(data)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        if item is None:
+            item = self.items[index] = self.data[index]
+        return item
