@@ -157,10 +157,11 @@ def test_single_channel_backbone_gets_grey_images():
 def test_worker_processes():
     dm = TransferDataModule(synth(n=64, n_test=16), synth("target", n=64, n_test=16), batch_size=8,
                             iters_per_epoch=3, num_workers=2, persistent_workers=True, pin_memory=False,
-                            preload_in_memory=False)  # in-memory sets kept as tensors load in-process
+                            prefetch_factor=3, preload_in_memory=False)  # in-memory sets kept as tensors load in-process
     dm.setup("fit")
     loader = dm.train_dataloader()
     assert loader.flattened[0].num_workers == 2 and loader.flattened[0].persistent_workers
+    assert loader.flattened[0].prefetch_factor == 3
     assert sum(1 for _ in loader) == 3
     assert sum(len(y) for _, y in dm.test_dataloader()[0]) == 16
 

@@ -74,6 +74,8 @@ class TransferDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers per loader.
         pin_memory: passed to every DataLoader.
         persistent_workers: passed to every DataLoader (only used when num_workers > 0).
+        prefetch_factor: batches loaded in advance by each worker (only with num_workers > 0;
+            ``None``: torch's default, 2).
         train_augmentation: ``"none"`` (the eval transform), ``"crop_flip"`` (resize to
             ``size / crop_pct``, random crop, horizontal flip) or ``"timm"`` (timm's
             training transform: random resized crop, flip, colour jitter).
@@ -107,6 +109,7 @@ class TransferDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        prefetch_factor: Optional[int] = None,
         train_augmentation: Literal["none", "crop_flip", "timm"] = "none",
         image_size: Optional[int] = None,
         split_seed: int = 0,
@@ -137,6 +140,7 @@ class TransferDataModule(pl.LightningDataModule):
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
+        self.prefetch_factor = prefetch_factor
         self.train_augmentation = train_augmentation
         self.image_size = image_size
         self.split_seed = int(split_seed)
@@ -360,6 +364,7 @@ class TransferDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
 
     def num_train_batches(self) -> int:
