@@ -185,9 +185,12 @@ class RowSample(Metric):
                 setattr(self, name, [value])
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.keys or sum(k.numel() for k in (self.keys if isinstance(self.keys, list) else [self.keys])) == 0:
+        if isinstance(self.keys, list) and not self.keys:  # nothing seen (after a DDP sync the states are tensors)
             return {}
-        _, kept = self._smallest(dim_zero_cat(self.keys), {c: dim_zero_cat(getattr(self, c)) for c in self.columns})
+        keys = dim_zero_cat(self.keys)
+        if keys.numel() == 0:
+            return {}
+        _, kept = self._smallest(keys, {c: dim_zero_cat(getattr(self, c)) for c in self.columns})
         return kept
 
 

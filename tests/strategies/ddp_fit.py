@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_synthetic_dm  # noqa: E402
 
+from tlframe.callbacks import TransferInsights  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
 from tlframe.strategies import DANN, MMD, FineTune, FrozenFeatures  # noqa: E402
 
@@ -38,7 +39,7 @@ def main(name: str, out: Path) -> None:
     recorder = Recorder()
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[recorder], default_root_dir=str(out))
+                         callbacks=[recorder, TransferInsights(max_samples=24)], default_root_dir=str(out))
     dm = make_synthetic_dm(num_train=64, batch_size=8, iters_per_epoch=4)
     trainer.fit(model, dm)
     fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
