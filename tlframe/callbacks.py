@@ -178,7 +178,8 @@ class TransferInsights(pl.Callback):
     ``hp_metric`` (written at the start with ``default_hp_metric=True``) is switched off, as
     TensorBoard keeps only the first hparams record of a run.
 
-    Cost (bounded; measured on the quickstart in the README: tens of ms per validation idle): at most ``max_samples`` rows per domain are kept (a uniform seeded sample,
+    Cost (bounded; tens of milliseconds per validation on the quickstart, see the README): at most
+    ``max_samples`` rows per domain are kept (a uniform seeded sample,
     gathered across DDP ranks); the A-distance is ``a_distance_steps`` L-BFGS iterations of a
     logistic regression on ``max_samples`` rows; the confusion matrix is ``C x C`` counts.
 
