@@ -8,6 +8,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -15,13 +16,17 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.seeding import run_seed
+from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
-__all__ = ["RunSummary", "PredictionWriter", "RunInfo", "environment_info"]
+__all__ = ["RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config"]
 
 _PACKAGES = ("tlframe", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "pillow",
              "jsonargparse", "tensorboard")
@@ -131,3 +136,164 @@ class PredictionWriter(BasePredictionWriter):
             for i, (p, c, row) in enumerate(zip(pred.tolist(), conf.tolist(), probs.tolist())):
                 writer.writerow([i, p, f"{c:.6f}", *[f"{v:.6f}" for v in row]])
         print(f"tlframe: wrote {len(probs)} predictions to {path}", flush=True)
+
+
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"lr": 0.01}}`` -> ``{"model.lr": 0.01}``; values that TensorBoard's HParams tab cannot
+    show (None, lists, ...) become their ``str``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
+def _tensorboard(trainer: pl.Trainer) -> Optional[TensorBoardLogger]:
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+class TransferInsights(pl.Callback):
+    """TensorBoard diagnostics of a transfer run, on top of the scalars the module logs.
+
+    Per validation (not during the sanity check):
+
+    - ``val/a_distance`` (Scalars): proxy A-distance ``2 (1 - 2 err)`` of a linear domain
+      classifier between sampled source-validation and target bottleneck features
+      (:func:`tlframe.validators.proxy_a_distance`; 0: indistinguishable, 2: separable);
+    - ``val/target_confusion`` (Images): row-normalised target confusion matrix, when the
+      target has labels (:func:`tlframe.validators.confusion_image`).
+
+    Projector: ``bottleneck_features``, the sampled source and target bottleneck features with
+    metadata columns ``class`` (class name, ``unlabelled`` for an unlabelled target) and
+    ``domain`` (``source``/``target``), written at the end of ``fit`` and, with
+    ``projector_every_n_epochs``, every that many epochs.
+
+    HParams: at the end of ``fit``, the run's resolved config (``config.yaml`` next to the
+    events, flattened with dots, e.g. ``model.strategy.init_args.trade_off``; the module's and
+    data module's hyperparameters without the CLI) with the final ``val/*`` metrics, so
+    TensorBoard's HParams tab compares the runs of a sweep. Lightning's placeholder metric
+    ``hp_metric`` (written at the start with ``default_hp_metric=True``) is switched off, as
+    TensorBoard keeps only the first hparams record of a run.
+
+    Cost (bounded; tens of milliseconds per validation on the quickstart, see the README): at most
+    ``max_samples`` rows per domain are kept (a uniform seeded sample,
+    gathered across DDP ranks); the A-distance is ``a_distance_steps`` L-BFGS iterations of a
+    logistic regression on ``max_samples`` rows; the confusion matrix is ``C x C`` counts.
+
+    Args:
+        max_samples: sampled rows per domain for the A-distance and the projector.
+        a_distance: log ``val/a_distance``.
+        a_distance_steps: L-BFGS iterations of the domain classifier.
+        confusion_matrix: log the ``val/target_confusion`` image (labelled target only).
+        projector: write the embedding projector snapshot at the end of ``fit``.
+        projector_every_n_epochs: also write it after every n-th epoch's validation.
+        hparams: write the config and final metrics for the HParams tab.
+        seed: seed of the row samples (the same rows every epoch).
+    """
+
+    def __init__(self, max_samples: int = 500, a_distance: bool = True, a_distance_steps: int = 100,
+                 confusion_matrix: bool = True, projector: bool = True, projector_every_n_epochs: Optional[int] = None,
+                 hparams: bool = True, seed: int = 0):
+        if max_samples < 2:
+            raise ValueError(f"max_samples={max_samples} must be >= 2.")
+        if projector_every_n_epochs is not None and projector_every_n_epochs < 1:
+            raise ValueError(f"projector_every_n_epochs={projector_every_n_epochs} must be >= 1 (or null).")
+        self.max_samples, self.a_distance, self.a_distance_steps = int(max_samples), a_distance, int(a_distance_steps)
+        self.confusion_matrix, self.projector, self.hparams = confusion_matrix, projector, hparams
+        self.projector_every_n_epochs, self.seed = projector_every_n_epochs, int(seed)
+        self._samples: dict[str, RowSample] = {}
+        self._confusion: Optional[MulticlassConfusionMatrix] = None
+        self._last: dict[str, dict[str, torch.Tensor]] = {}
+        self._projector_step: Optional[int] = None
+        #: seconds spent in the last validation's epoch-end work (gathering, A-distance, image)
+        self.last_cost_s = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._samples = {d: RowSample(("features", "labels"), self.max_samples, seed=self.seed + i)
+                         for i, d in enumerate(("source", "target"))}
+        num_classes = getattr(pl_module, "num_classes", None)
+        self._confusion = MulticlassConfusionMatrix(num_classes) if self.confusion_matrix and num_classes else None
+        tb = _tensorboard(trainer)
+        if self.hparams and tb is not None and stage == "fit":
+            tb._default_hp_metric = False  # else Lightning's hp_metric=-1 record would be the one TensorBoard shows
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for metric in (*self._samples.values(), self._confusion):
+            if metric is not None:
+                metric.to(pl_module.device)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not isinstance(outputs, dict) or outputs.get("domain") not in self._samples:
+            return
+        domain, labels = outputs["domain"], outputs["labels"]
+        if self.a_distance or self.projector or self.projector_every_n_epochs:
+            self._samples[domain].update(features=outputs["features"].float(), labels=labels)
+        labelled = labels >= 0
+        if self._confusion is not None and domain == "target" and bool(labelled.any()):
+            self._confusion.update(outputs["logits"][labelled].argmax(dim=1), labels[labelled])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = time.perf_counter()
+        confusion = self._confusion
+        samples = {d: m.compute() if m.update_called else {} for d, m in self._samples.items()}  # gathered over ranks
+        confmat = confusion.compute() if confusion is not None and confusion.update_called else None
+        for metric in (*self._samples.values(), confusion):
+            if metric is not None:
+                metric.reset()
+        if trainer.sanity_checking:
+            return
+        if self.a_distance and samples["source"] and samples["target"]:
+            pl_module.log("val/a_distance", proxy_a_distance(samples["source"]["features"], samples["target"]["features"],
+                                                             steps=self.a_distance_steps, seed=self.seed))
+        tb = _tensorboard(trainer)
+        if confmat is not None and tb is not None and trainer.is_global_zero:
+            tb.experiment.add_image("val/target_confusion", confusion_image(confmat), global_step=trainer.global_step)
+        self._last = {d: {k: v.cpu() for k, v in rows.items()} for d, rows in samples.items() if rows}
+        every = self.projector_every_n_epochs
+        if every and (trainer.current_epoch + 1) % every == 0:
+            self._write_projector(trainer)
+        self.last_cost_s = time.perf_counter() - start
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.projector:
+            self._write_projector(trainer)
+        if self.hparams:
+            self._write_hparams(trainer)
+
+    def _write_projector(self, trainer: pl.Trainer) -> None:
+        tb = _tensorboard(trainer)
+        if tb is None or not trainer.is_global_zero or not self._last or self._projector_step == trainer.global_step:
+            return
+        classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
+        features, metadata = [], []
+        for domain, rows in self._last.items():
+            features.append(rows["features"])
+            metadata += [[(classes[y] if classes else str(y)) if y >= 0 else "unlabelled", domain]
+                         for y in rows["labels"].tolist()]
+        tb.experiment.add_embedding(torch.cat(features), metadata=metadata, metadata_header=["class", "domain"],
+                                    global_step=trainer.global_step, tag="bottleneck_features")
+        self._projector_step = trainer.global_step
+
+    @rank_zero_only
+    def _write_hparams(self, trainer: pl.Trainer) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        tb = _tensorboard(trainer)
+        if tb is None:
+            return
+        config_file = Path(tb.log_dir) / "config.yaml"
+        if config_file.is_file():
+            config = yaml.safe_load(config_file.read_text()) or {}
+        else:
+            module, dm = trainer.lightning_module, getattr(trainer, "datamodule", None)
+            config = {"model": dict(module.hparams), "data": dict(getattr(dm, "hparams", {}) or {})}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith("val/") and torch.as_tensor(v).numel() == 1}
+        writer = tb.experiment._get_file_writer()
+        for summary in hparams(flatten_config(config), metrics):
+            writer.add_summary(summary, trainer.global_step)
+        writer.flush()

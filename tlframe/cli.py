@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
-from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary
+from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferInsights
 from tlframe.data import DataError, TransferDataModule
 from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
@@ -31,7 +31,9 @@ class TLFrameCLI(LightningCLI):
       never by target labels;
     - per-parameter-group learning rates logged (``lr_monitor.*``);
     - ``tlframe predict`` writes ``predictions.csv`` into the run directory (``predictions.*``);
-    - ``run_info.json`` (versions, git commits, command, seed, machine) next to ``config.yaml``.
+    - ``run_info.json`` (versions, git commits, command, seed, machine) next to ``config.yaml``;
+    - TensorBoard diagnostics (``insights.*``): A-distance, target confusion image, projector
+      snapshot, HParams record (:class:`~tlframe.callbacks.TransferInsights`).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -49,6 +51,7 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.add_lightning_class_args(RunInfo, "run_info")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(TransferInsights, "insights")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
 

@@ -12,7 +12,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
@@ -22,6 +22,7 @@ from tlframe.heads import TransferHead
 from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
 from tlframe.seeding import run_seed, seed_generators, step_seed
 from tlframe.strategies import FineTune, Progress, Strategy, TransferStep
+from tlframe.validators import SoftNeighborhoodDensity, prediction_entropy
 
 __all__ = ["TransferModule", "NonFiniteLossError", "CheckpointMismatchError"]
 
@@ -73,6 +74,10 @@ class TransferModule(pl.LightningModule):
         compile: compile the backbone's forward with ``torch.compile`` (``nn.Module.compile``,
             so the module and its ``backbone.*`` checkpoint keys stay as they are). The first
             steps pay the compilation; needs a working C++ compiler on CPU (inductor).
+        validator_samples: target evaluation samples (a uniform sample, the same every epoch)
+            that the SND validator ``val/target_snd`` uses; it costs ``O(n^2)`` time and
+            memory (2000: a 2000 x 2000 similarity matrix, ~16 MB, milliseconds on a GPU).
+            ``val/target_entropy`` always uses the whole split. See :mod:`tlframe.validators`.
     """
 
     def __init__(
@@ -95,6 +100,7 @@ class TransferModule(pl.LightningModule):
         check_finite_loss: bool = True,
         channels_last: bool = False,
         compile: bool = False,
+        validator_samples: int = 2000,
     ):
         super().__init__()
         # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
@@ -123,6 +129,10 @@ class TransferModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({
             f"{stage}_{domain}": _accuracy_metrics(num_classes) for stage in ("val", "test") for domain in _DOMAINS
         })
+        # Label-free validators of the target evaluation split (model selection without target labels).
+        self.validators = nn.ModuleDict({stage: nn.ModuleDict({
+            "entropy": MeanMetric(), "snd": SoftNeighborhoodDensity(max_samples=validator_samples),
+        }) for stage in ("val", "test")})
 
     # -- data hand-shake ---------------------------------------------------------------
     @property
@@ -243,13 +253,25 @@ class TransferModule(pl.LightningModule):
         names = getattr(dm, f"{stage}_domains", None) or (list(_DOMAINS) if stage == "val" else ["target", "source"])
         return names[dataloader_idx]
 
-    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> None:
+    def _eval_step(self, stage: str, batch: Any, dataloader_idx: int) -> dict[str, Any]:
+        """Log accuracy/loss of labelled rows and, on the target, the label-free validators.
+
+        Returns ``{"domain", "features" (bottleneck, (N, d)), "logits" (N, C), "labels" (N,)}``
+        for callbacks (``on_validation_batch_end``), e.g. :class:`tlframe.callbacks.TransferInsights`.
+        """
         x, y = batch
         domain = self._domain(stage, dataloader_idx)
-        logits = self(x)
+        features, logits = self.head(self.features(x))
+        out = {"domain": domain, "features": features, "logits": logits, "labels": y}
+        if domain == "target":
+            validators = self.validators[stage]
+            validators["entropy"].update(prediction_entropy(logits.softmax(dim=1)))
+            validators["snd"].update(logits)
+            for name in ("entropy", "snd"):
+                self.log(f"{stage}/target_{name}", validators[name], add_dataloader_idx=False, batch_size=y.shape[0])
         labelled = y >= 0
         if not bool(labelled.any()):
-            return
+            return out
         logits, y = logits[labelled], y[labelled]
         metrics = self.metrics[f"{stage}_{domain}"]
         metrics.update(logits, y)
@@ -257,12 +279,13 @@ class TransferModule(pl.LightningModule):
                       batch_size=y.shape[0])
         self.log(f"{stage}/{domain}_loss", nn.functional.cross_entropy(logits, y), add_dataloader_idx=False,
                  batch_size=y.shape[0], sync_dist=True)
+        return out
 
-    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step("val", batch, dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        return self._eval_step("test", batch, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -101,10 +101,11 @@ def test_eval_loaders_and_names():
     assert x.shape == (7, 3, 32, 32) and (y >= 0).all()
     assert [len(dl.dataset) for dl in dm.test_dataloader()] == [20, 30]
     assert len(dm.predict_dataloader().dataset) == 20
-    # an unlabelled target is left out of validation but still tested/predicted (labels -1)
+    # an unlabelled target is still validated (for the label-free validators), tested and predicted (labels -1)
     dm = TransferDataModule(synth(n=100), synth("target", n=80, n_test=20, labelled=False), batch_size=8)
     dm.setup("fit")
-    assert dm.val_domains == ["source"] and len(dm.val_dataloader()) == 1
+    assert dm.val_domains == ["source", "target"] and len(dm.val_dataloader()) == 2
+    assert bool((next(iter(dm.val_dataloader()[1]))[1] == -1).all())
     test_target = dm.test_dataloader()[0]
     assert bool((next(iter(test_target))[1] == -1).all())
     dm = TransferDataModule(synth(n=100), synth("target"), batch_size=8, val_fraction=0.0)
@@ -194,8 +195,9 @@ def test_fit_with_lightning_trainer():
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
     assert model.seen["train"] == [(8, 8, -1)] * 8
-    assert {idx for idx, _ in model.seen["val"]} == {0}  # unlabelled target: source val only
-    assert sum(n for _, n in model.seen["val"]) == 2 * 5
+    assert {idx for idx, _ in model.seen["val"]} == {0, 1}  # an unlabelled target is validated too
+    assert sum(n for idx, n in model.seen["val"] if idx == 0) == 2 * 5
+    assert sum(n for idx, n in model.seen["val"] if idx == 1) == 2 * 12
 
 
 def test_built_from_yaml_config_with_jsonargparse(tmp_path):

@@ -32,6 +32,7 @@ from conftest import make_synthetic_dm  # noqa: E402
 
 import tlframe  # noqa: E402
 from tlframe.data import TransferDataModule  # noqa: E402
+from tlframe.callbacks import TransferInsights  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
 from tlframe.strategies import DANN, MMD, FineTune, FrozenFeatures  # noqa: E402
 
@@ -100,7 +101,7 @@ def run_strategy(name: str, out: Path) -> None:
     dm = _recording_dm()
     recorder = Recorder(dm)
     trainer = quiet_trainer(out, max_epochs=2, logger=TensorBoardLogger(str(out / "tb"), name="run"),
-                            callbacks=[recorder, ModelCheckpoint(dirpath=str(out / "ckpt"), save_last=True)],
+                            callbacks=[recorder, TransferInsights(max_samples=24), ModelCheckpoint(dirpath=str(out / "ckpt"), save_last=True)],
                             limit_val_batches=2)
     trainer.fit(model, dm)
     fit_metrics = metrics(trainer, "val/")

@@ -161,6 +161,8 @@ def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
         assert v == pytest.approx(r1["checksums"][k], rel=1e-6, abs=1e-6), k
     assert r0["val"] == pytest.approx(r1["val"]) and "val/target_acc" in r0["val"]
     assert r0["validate"] == pytest.approx(r1["validate"]) and "val/target_acc" in r0["validate"]
+    # validators and A-distance use the target predictions/features gathered from both ranks
+    assert {"val/target_snd", "val/target_entropy", "val/a_distance"} <= set(r0["val"])
     assert r0["test"] == pytest.approx(r1["test"]) and "test/target_acc" in r0["test"]
     # logs and checkpoints written once, by rank 0
     versions = sorted(p.name for p in (tmp_path / "tb" / "run").iterdir())

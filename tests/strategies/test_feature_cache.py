@@ -36,7 +36,7 @@ def test_cached_fit_matches_uncached_fit(trainer_factory, synthetic_dm):
     assert plain_metrics.keys() == cached_metrics.keys() and "val/source_acc" in cached_metrics
     for k in plain_metrics:
         assert cached_metrics[k] == pytest.approx(plain_metrics[k], abs=1e-5), k
-    assert len(cached.feature_cache.built) == 3  # source train, target train, source val (target unlabelled)
+    assert len(cached.feature_cache.built) == 4  # source train/val, target train/test (validated also when unlabelled)
     assert all(loader.dataset.tensors[0].ndim == 2 for loader in trainer.datamodule.val_dataloader())
     target = trainer.datamodule.predict_dataloader().dataset.tensors[1]
     assert target.dtype == torch.int64 and bool((target == -1).all())  # unlabelled target: -1, as uncached
@@ -66,7 +66,7 @@ def test_disk_cache_is_written_once_and_reused(tmp_path, monkeypatch, trainer_fa
     monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
     first, _, _ = fit(trainer_factory, synthetic_dm, "disk", max_steps=1)
     files = sorted((tmp_path / "cache" / "features").glob("*.pt"))
-    assert len(files) == 3 and len(first.feature_cache.built) == 3
+    assert len(files) == 4 and len(first.feature_cache.built) == 4  # the unlabelled target test split is validated too
     assert not list((tmp_path / "cache" / "features").glob(".*"))  # no temporary file left behind
     mtimes = [f.stat().st_mtime_ns for f in files]
 
@@ -74,7 +74,7 @@ def test_disk_cache_is_written_once_and_reused(tmp_path, monkeypatch, trainer_fa
     second = TransferModule("dtn", num_classes=10, strategy=FrozenFeatures(cache_features="disk"), lr=0.05)
     calls = count_backbone_calls(second)
     trainer_factory(max_steps=1).fit(second, synthetic_dm(target_labelled=False))
-    assert calls[0] == 0 and second.feature_cache.built == [] and len(second.feature_cache.loaded) == 3
+    assert calls[0] == 0 and second.feature_cache.built == [] and len(second.feature_cache.loaded) == 4
     assert [f.stat().st_mtime_ns for f in sorted((tmp_path / "cache" / "features").glob("*.pt"))] == mtimes
 
 

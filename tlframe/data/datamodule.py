@@ -44,8 +44,9 @@ class TransferDataModule(pl.LightningDataModule):
     Evaluation loaders (lists; names in :attr:`val_domains` / :attr:`test_domains`):
 
     - ``val_dataloader()``: ``[source val, target test]``, names ``["source", "target"]``;
-      the target loader is left out (``["source"]``) when the target is unlabelled, and
-      the source part is left out when ``val_fraction == 0``.
+      the source part is left out when ``val_fraction == 0``. The target loader is always
+      there, also when the target is unlabelled (labels -1): the module then logs the
+      label-free validators (``val/target_entropy``, ``val/target_snd``) but no accuracy.
     - ``test_dataloader()``: ``[target test, source test]``, names ``["target", "source"]``.
       The target loader is returned even when the target is unlabelled; its labels are then
       -1 and the module must skip accuracy for it.
@@ -169,8 +170,7 @@ class TransferDataModule(pl.LightningDataModule):
     @property
     def val_domains(self) -> list[str]:
         """Names of the loaders returned by :meth:`val_dataloader`, in order."""
-        names = ["source"] if self.val_fraction > 0 else []
-        return names + (["target"] if self.target.has_labels else [])
+        return (["source"] if self.val_fraction > 0 else []) + ["target"]
 
     @property
     def test_domains(self) -> list[str]:
