@@ -2,7 +2,8 @@
 
 Sweep file (paths relative to the sweep file's folder)::
 
-    base: ../digits/mnist2usps/source_only.yaml   # one config or a list (each passed as -c)
+    base: ../digits/mnist2usps/source_only.yaml   # one config or a list (each passed as -c); may be left out
+                                                  # when every point gets a config from a grid axis
     command: fit                                  # the tlframe subcommand (default fit)
     out: sweeps/my_sweep                          # output folder (relative to the current directory;
                                                   # default sweeps/<sweep file stem>; --out overrides)
@@ -16,7 +17,10 @@ Sweep file (paths relative to the sweep file's folder)::
       - {name: lr_small, model.lr: 0.001}
       - {name: lr_big, model.lr: 0.1}
     seeds: [0, 1, 2]                              # --seed_everything of each run (default [0])
+    seed_args: ["--data.split_seed={seed}"]       # more per-seed overrides ({seed} is replaced)
     needs: [runs/pretrain/version_0/checkpoints/last.ckpt]   # files that must exist before a run starts
+                                                  # (relative to the current directory; also allowed in
+                                                  # a grid value or variant: needs: file)
     env: {TLFRAME_DATA_ROOT: ../shared/data}      # extra environment of the runs (not hashed)
     slurm: [--gres=gpu:1, --time=02:00:00]        # extra #SBATCH lines for --slurm
 
@@ -52,7 +56,7 @@ from tlframe.runs import DONE, FAILED, RunOutcome, RunSpec, execute_run, log_tai
 __all__ = ["SweepError", "Sweep", "Run", "load_sweep", "run_sweep", "slurm_script", "main"]
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT = 0, 1, 2
-KEYS = {"base", "command", "out", "args", "grid", "variants", "seeds", "needs", "env", "slurm"}
+KEYS = {"base", "command", "out", "args", "grid", "variants", "seeds", "seed_args", "needs", "env", "slurm"}
 COMMANDS = {"fit", "validate", "test"}
 HASH_LEN = 12
 
@@ -79,6 +83,7 @@ class Choice:
     label: str
     args: list[str] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -163,15 +168,17 @@ def _config_path(value: str, folder: Path, where: str) -> str:
     return str(path)
 
 
-def _overrides(mapping: dict, folder: Path, where: str) -> tuple[list[str], list[str]]:
-    """``{key: value, config: file}`` -> (``--key=value`` arguments, config files)."""
-    args, configs = [], []
+def _overrides(mapping: dict, folder: Path, where: str) -> tuple[list[str], list[str], list[str]]:
+    """``{key: value, config: file, needs: file}`` -> (``--key=value`` arguments, config files, needed files)."""
+    args, configs, needs = [], [], []
     for key, value in mapping.items():
         if key == "config":
             configs += [_config_path(c, folder, where) for c in _str_list(value, f"{where}: config")]
+        elif key == "needs":
+            needs += _str_list(value, f"{where}: needs")
         else:
             args.append(f"--{str(key).removeprefix('--')}={cli_value(value)}")
-    return args, configs
+    return args, configs, needs
 
 
 def _axis(name: str, values: Any, folder: Path) -> list[Choice]:
@@ -185,8 +192,7 @@ def _axis(name: str, values: Any, folder: Path) -> list[Choice]:
                 mapping = {}
             if not isinstance(mapping, dict):
                 raise SweepError(f"{where}: value {label!r} must be a mapping of overrides (key: value), got {mapping!r}")
-            args, configs = _overrides(mapping, folder, f"{where} value {label!r}")
-            choices.append(Choice(str(label), args, configs))
+            choices.append(Choice(str(label), *_overrides(mapping, folder, f"{where} value {label!r}")))
         return choices
     if not isinstance(values, list) or not values:
         raise SweepError(f"{where} must be a non-empty list of values (or a mapping of named values), got {values!r}")
@@ -204,8 +210,7 @@ def _variants(values: Any, folder: Path) -> list[Choice]:
             raise SweepError(f"variant {i} must be a mapping of overrides, got {v!r}")
         v = dict(v)
         label = str(v.pop("name", i))
-        args, configs = _overrides(v, folder, f"variant {label!r}")
-        choices.append(Choice(label, args, configs))
+        choices.append(Choice(label, *_overrides(v, folder, f"variant {label!r}")))
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
         raise SweepError(f"variant names must be unique, got {labels}")
@@ -227,9 +232,7 @@ def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
     if unknown:
         raise SweepError(f"sweep file {path}: unknown key(s) {unknown}; allowed keys: {sorted(KEYS)}")
     folder = path.parent
-    if not spec.get("base"):
-        raise SweepError(f"sweep file {path}: 'base' (the base config file, or a list of them) is missing")
-    base = [_config_path(c, folder, "base") for c in _str_list(spec["base"], "base")]
+    base = [_config_path(c, folder, "base") for c in _str_list(spec.get("base") or [], "base")]
     command = spec.get("command", "fit")
     if command not in COMMANDS:
         raise SweepError(f"sweep file {path}: command must be one of {sorted(COMMANDS)}, got {command!r}")
@@ -249,17 +252,23 @@ def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
     if not isinstance(env, dict):
         raise SweepError(f"sweep file {path}: env must be a mapping NAME: value, got {env!r}")
     env = {str(k): os.path.expandvars(str(v)) for k, v in env.items()}
+    seed_args = _str_list(spec.get("seed_args") or [], "seed_args")
     needs = _str_list(spec.get("needs") or [], "needs")
     slurm = _str_list(spec.get("slurm") or [], "slurm")
     out_dir = Path(out or spec.get("out") or Path("sweeps") / path.stem).expanduser().resolve()
     runs = []
     for combo in itertools.product(*[choices for _, choices in axes]):
+        if not base and not any(c.configs for c in combo):
+            raise SweepError(f"sweep file {path}: no config file for the point "
+                             f"{ {name: c.label for (name, _), c in zip(axes, combo)} }: give 'base' (a config "
+                             "file, or a list of them), or a 'config' in every value of a grid axis")
         for seed in seeds:
             runs.append(Run(
                 index=len(runs), point={name: c.label for (name, _), c in zip(axes, combo)}, seed=seed,
                 command=command, configs=base + [f for c in combo for f in c.configs],
-                args=fixed + [a for c in combo for a in c.args] + [f"--seed_everything={seed}"],
-                out=out_dir, env=env, needs=needs, root=folder))
+                args=fixed + [a for c in combo for a in c.args] + [f"--seed_everything={seed}"]
+                + [a.replace("{seed}", str(seed)) for a in seed_args],
+                out=out_dir, env=env, needs=needs + [f for c in combo for f in c.needs], root=folder))
     hashes = {}
     for r in runs:
         if r.hash in hashes:
@@ -438,6 +447,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from tlframe.atomic import atomic_write_text
 
         write_json_atomic(sweep.out / "sweep.json", sweep.manifest())
+        (sweep.out / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
         atomic_write_text(args.slurm, slurm_script(sweep, args.slurm_option))
         print(f"tlframe sweep: wrote {args.slurm} ({len(sweep.runs)} array tasks); submit with: sbatch {args.slurm}")
         return EXIT_OK
