@@ -167,20 +167,24 @@ def test_resume_after_kill_reruns_only_unfinished_runs_and_records_failures(tmp_
     assert (killed.run_dir / "done.json").stat().st_mtime_ns == stamp
 
 
-def test_two_workers_four_runs_then_report(tmp_path):
-    path = write_sweep(tmp_path, quick_spec(tmp_path / "out", grid={"model.lr": [0.01, 0.1]}, seeds=[0, 1]))
+def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path):
+    """The strategy axis of configs/ablations/strategies_digits.yaml, end to end on tiny synthetic runs, 2 workers."""
+    shipped = yaml.safe_load((ROOT / "configs/ablations/strategies_digits.yaml").read_text())
+    path = write_sweep(tmp_path, quick_spec(tmp_path / "out", grid={"strategy": shipped["grid"]["strategy"]}))
     result = tlframe("sweep", str(path), "--workers", "2", "--gpus", "none", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 runs (0 already done)" in result.stdout and "2 workers" in result.stdout and "[4/4]" in result.stdout
     assert "ETA" in result.stdout
     runs = sw.load_sweep(path).runs
     assert all((r.run_dir / "done.json").is_file() for r in runs)
+    ran = [yaml.safe_load((r.run_dir / "config.yaml").read_text())["model"]["strategy"]["class_path"] for r in runs]
+    assert ran == [f"tlframe.strategies.{s}" for s in ("FineTune", "FrozenFeatures", "DANN", "MMD")]
     report = tlframe("report", str(tmp_path / "out"), "--rank-by", "val/source_acc", cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
     table = (tmp_path / "out" / "report.md").read_text()
-    assert "| rank | model.lr | val/source_acc |" in table and "oracle: max val/target_acc" in table
-    assert table.count("| 2 | 2/2 |") == 2
-    assert (tmp_path / "out" / "report.csv").read_text().startswith("model.lr,val/source_acc mean,val/source_acc std,")
+    assert "| rank | strategy | val/source_acc |" in table and "oracle: max val/target_acc" in table
+    assert table.count("| 1 | 1/1 |") == 4 and "| frozen_random |" in table
+    assert (tmp_path / "out" / "report.csv").read_text().startswith("strategy,val/source_acc mean,val/source_acc std,")
 
 
 def test_layer_transfer_real_mnist_3_steps(shared_data, tmp_path):

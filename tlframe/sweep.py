@@ -150,6 +150,17 @@ class Sweep:
         return {"sweep_file": str(self.path), "axes": self.axes, "seeds": self.seeds,
                 "runs": [{"hash": r.hash, "index": r.index, "point": r.point, "seed": r.seed} for r in self.runs]}
 
+    def write_manifest(self) -> None:
+        """``<out>/sweep.json``, the planned runs; left alone when it is already up to date (so that the
+        array tasks of a SLURM job, which all start with it, do not write it at the same time)."""
+        path, data = self.out / "sweep.json", self.manifest()
+        try:
+            if json.loads(path.read_text()) == data:
+                return
+        except (OSError, ValueError):
+            pass
+        write_json_atomic(path, data)
+
 
 # --------------------------------------------------------------------------- loading
 def _str_list(value: Any, what: str) -> list[str]:
@@ -281,8 +292,6 @@ def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
 # --------------------------------------------------------------------------- running
 def run_one(run: Run) -> RunOutcome:
     """Run one point (skipped when its ``done.json`` exists); ``args.json`` is written before it starts."""
-    if (run.run_dir / DONE).is_file():
-        return execute_run(RunSpec(run.run_dir, run.argv()))
     info = run.info()
     spec = RunSpec(run.run_dir, run.argv(), env=run.env, needs=[Path(p) for p in run.needs],
                    header=info["command_line"], first_files={"args.json": info})
@@ -301,7 +310,7 @@ class Progress:
 
     def __init__(self, total: int, workers: int, stream=None) -> None:
         self.total, self.workers, self.stream = total, workers, stream or sys.stdout
-        self.finished, self.failed, self.walls = 0, 0, []
+        self.finished, self.walls = 0, []
         self.lock = threading.Lock()
 
     def say(self, text: str) -> None:
@@ -314,7 +323,6 @@ class Progress:
     def end(self, run: Run, outcome: RunOutcome) -> None:
         with self.lock:
             self.finished += 1
-            self.failed += not outcome.ok
             if outcome.status != "skipped":
                 self.walls.append(outcome.wall_s)
             left = self.total - self.finished
@@ -347,7 +355,7 @@ def visible_gpus() -> list[str]:
 def run_sweep(sweep: Sweep, workers: int = 1, gpus: Optional[list[str]] = None, stream=None,
               runs: Optional[list[Run]] = None) -> list[RunOutcome]:
     """Run ``runs`` (default: every point of ``sweep``), ``workers`` at a time, each running run pinned to one of ``gpus``."""
-    write_json_atomic(sweep.out / "sweep.json", sweep.manifest())
+    sweep.write_manifest()
     runs = sweep.runs if runs is None else runs
     progress = Progress(len(runs), workers, stream)
     done_before = sum((r.run_dir / DONE).is_file() for r in runs)
@@ -446,7 +454,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.slurm:
         from tlframe.atomic import atomic_write_text
 
-        write_json_atomic(sweep.out / "sweep.json", sweep.manifest())
+        sweep.write_manifest()
         (sweep.out / "slurm").mkdir(parents=True, exist_ok=True)  # SLURM does not create the --output folder
         atomic_write_text(args.slurm, slurm_script(sweep, args.slurm_option))
         print(f"tlframe sweep: wrote {args.slurm} ({len(sweep.runs)} array tasks); submit with: sbatch {args.slurm}")
