@@ -292,7 +292,7 @@ def plot(rows: Sequence[Row], axes: Sequence[str], x_axis: str, metric: str, pat
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tlframe report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="tlframe report", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("sweep_dir", help="the sweep's output folder (holds sweep.json and runs/)")
     p.add_argument("--metric", action="append", dest="metrics", metavar="M",
                    help="a metric column (repeatable): a tag (last value) or max:<tag> / min:<tag>; "

@@ -412,14 +412,14 @@ def slurm_script(sweep: Sweep, extra: Sequence[str] = (), python: str = sys.exec
 
 # --------------------------------------------------------------------------- command line
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="tlframe sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="tlframe sweep", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 epilog="Sweep file format: see README 'Sweeps and reports' or tlframe/sweep.py.")
     p.add_argument("sweep_file")
     p.add_argument("--out", help="output folder (overrides the sweep file's 'out')")
     p.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--gpus", default="auto",
                    help="GPU ids to pin running runs to, one GPU per run (comma list), 'none', or 'auto' "
-                        "(the visible GPUs when --workers > 1; default)")
+                        "(the visible GPUs when --workers > 1; default); at most one run per GPU at a time")
     p.add_argument("--index", type=int, help="run only the run with this index (a SLURM array task)")
     p.add_argument("--slurm", metavar="FILE.sbatch", help="write a SLURM job-array script instead of running")
     p.add_argument("--slurm-option", action="append", default=[], metavar="OPT",
