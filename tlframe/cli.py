@@ -1,4 +1,4 @@
-"""``tlframe fit | validate | test | predict -c config.yaml`` (LightningCLI)."""
+"""``tlframe fit | validate | test | predict -c config.yaml`` (LightningCLI), ``tlframe sweep``, ``tlframe report``."""
 
 from __future__ import annotations
 
@@ -76,7 +76,16 @@ def error_message(err: BaseException) -> str:
 def main(args: Optional[list[str]] = None) -> None:
     """Run the CLI. Bad input (data, backbone, weights, checkpoint, trainer settings) ends with its message
     and exit code 2, a non-finite loss with exit code 3: a message that names the problem and the fix, no traceback.
+
+    ``tlframe sweep ...`` and ``tlframe report ...`` go to :mod:`tlframe.sweep` and :mod:`tlframe.report`.
     """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in ("sweep", "report"):
+        if argv[0] == "sweep":
+            from tlframe.sweep import main as command
+        else:
+            from tlframe.report import main as command
+        raise SystemExit(command(argv[1:]))
     try:
         with warnings.catch_warnings():
             # Resuming mid-epoch is exact with tlframe's loaders (they skip the batches already trained).

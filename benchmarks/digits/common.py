@@ -1,41 +1,40 @@
 """Shared machinery of the digit benchmark scripts (``run_digits.py``, ``run_transfer.py``).
 
-- :func:`run_cell`: run one ``tlframe fit`` as a subprocess, resumably: a run directory that
-  holds ``done.json`` is skipped; a successful run writes ``done.json`` atomically; a failed run
-  writes nothing (it is retried next time) and is reported as failed.
-- :func:`read_scalars` / :func:`summarize_scalars`: read a run's TensorBoard events with
-  TensorBoard's own ``EventAccumulator``.
-- :func:`mean_std`, :func:`format_cell`, :func:`format_wall`, :func:`cell_values`,
-  :func:`markdown_table`: the pure aggregation and rendering the tables are built from (tested
-  on hand-made numbers in ``tests/benchmarks/test_digits_benchmark.py``).
+- :func:`run_cell`: run one ``tlframe fit`` as a subprocess, resumably, with the run contract of
+  ``tlframe sweep`` (:func:`tlframe.runs.execute_run`): a run directory that holds ``done.json``
+  is skipped; a successful run writes ``done.json`` atomically; a failed run writes ``failed.json``
+  (exit code, log tail), no ``done.json``, so it is retried next time, and is reported as failed.
+- :func:`summarize_scalars`: the benchmark tables' numbers from a run's TensorBoard events
+  (read by :func:`tlframe.runs.read_scalars`).
+- :func:`format_wall`, :func:`cell_values`, :func:`grid_table`: the benchmark tables, built on
+  :func:`tlframe.report.mean_std`, :func:`~tlframe.report.format_cell` and
+  :func:`~tlframe.report.markdown_table` (tested on hand-made numbers in
+  ``tests/benchmarks/test_digits_benchmark.py``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from tlframe.atomic import atomic_write_text
+from tlframe.report import ORACLE_NOTE, STD_NOTE, format_cell, markdown_table, mean_std  # noqa: F401 (re-exported)
+from tlframe.runs import (  # noqa: F401 (re-exported)
+    MetricError, RunSpec, default_summary, execute_run, log_tail, read_scalars, write_json_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 #: Metric reported in the tables: accuracy on the target test split, logged at every validation.
 TARGET_METRIC = "val/target_acc"
 SOURCE_METRIC = "val/source_acc"
-STD_NOTE = "± is the sample standard deviation over seeds (ddof=1)"
-ORACLE_NOTE = ("oracle = max over epochs of val/target_acc: it picks the epoch with the target test labels, "
-               "so it is an upper bound on model selection, not a valid unsupervised/few-label result")
 
 
 def default_data_root() -> Path:
@@ -113,31 +112,13 @@ class RunResult:
         return self.status in ("done", "skipped")
 
 
-class MetricError(RuntimeError):
-    """A run finished but its events do not hold the metric the tables need."""
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of the run's TensorBoard events, ``tag -> [(step, value), ...]`` in logging order.
-
-    Uses TensorBoard's own reader (``EventAccumulator``, all events kept, no sampling).
-    """
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    files = sorted(run_dir.glob("events.out.tfevents.*"))
-    if not files:
-        raise MetricError(f"no TensorBoard events file in {run_dir}")
-    acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
-    acc.Reload()
-    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
-
-
 def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
     """The numbers of ``done.json`` from a run's scalars.
 
     ``last``: the last logged ``val/target_acc`` (the model of ``last.ckpt``); ``oracle_max_over_epochs``:
     its maximum over the validations (uses target labels for selection, see :data:`ORACLE_NOTE`);
-    ``source_acc_last``: the last ``val/source_acc`` (``None`` without a source validation split).
+    ``source_acc_last``: the last ``val/source_acc`` (``None`` without a source validation split);
+    ``scalars``: every tag's statistics (:func:`tlframe.runs.scalar_stats`, what ``tlframe report`` reads).
     """
     target = scalars.get(TARGET_METRIC) or []
     if not target:
@@ -151,65 +132,25 @@ def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
         "oracle_note": ORACLE_NOTE,
         "num_validations": len(target),
         "source_acc_last": source[-1][1] if source else None,
+        **default_summary(scalars),
     }
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` atomically (never a half-written file)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
-    """Run one cell unless its ``done.json`` exists; see the module docstring."""
-    if cell.done_file.is_file():
-        record = json.loads(cell.done_file.read_text())
-        log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {record['last']:.4f}")
-        return RunResult(cell, "skipped", record)
-    missing = [p for p in cell.needs if not p.is_file()]
-    if missing:
-        msg = f"not run: {', '.join(map(str, missing))} missing"
-        log(f"  {cell.label}: FAILED ({msg})")
-        return RunResult(cell, "failed", error=msg)
-    if cell.run_dir.exists():  # left over from a failed or interrupted attempt: start clean
-        shutil.rmtree(cell.run_dir)
-    cell.run_dir.mkdir(parents=True)
-    env = {**os.environ, **cell.env}
-    output = cell.run_dir / "output.log"
-    log(f"  {cell.label}: running ...")
-    start = time.perf_counter()
-    with output.open("w") as f:
-        f.write(cell.command() + "\n\n")
-        f.flush()
-        proc = subprocess.run(cell.argv(), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        msg = f"exit code {proc.returncode}; see {output}"
-        log(f"  {cell.label}: FAILED ({msg})\n{_tail(output)}")
-        return RunResult(cell, "failed", error=msg)
-    try:
-        summary = summarize_scalars(read_scalars(cell.run_dir))
-    except MetricError as err:
-        log(f"  {cell.label}: FAILED ({err})")
-        return RunResult(cell, "failed", error=str(err))
-    record = {
-        "row": cell.row, "col": cell.col, "seed": cell.seed,
-        **summary,
-        "wall_s": round(wall, 2),
-        "command": cell.command(),
-        "argv": cell.argv(),
-        "run_dir": str(cell.run_dir),
-        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json_atomic(cell.done_file, record)
-    log(f"  {cell.label}: done in {wall:.0f} s, {TARGET_METRIC} last {summary['last']:.4f}")
-    return RunResult(cell, "done", record)
+    """Run one cell unless its ``done.json`` exists (:func:`tlframe.runs.execute_run`); see the module docstring."""
+    if not cell.done_file.is_file() and all(p.is_file() for p in cell.needs):
+        log(f"  {cell.label}: running ...")
+    spec = RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command())
+    outcome = execute_run(spec, extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
+                          summarize=summarize_scalars)
+    if outcome.status == "skipped":
+        log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {outcome.record['last']:.4f}")
+    elif outcome.ok:
+        log(f"  {cell.label}: done in {outcome.wall_s:.0f} s, {TARGET_METRIC} last {outcome.record['last']:.4f}")
+    else:
+        tail = log_tail(cell.run_dir / "output.log") if outcome.error.startswith("exit code") else ""
+        log(f"  {cell.label}: FAILED ({outcome.error})" + (f"\n{tail}" if tail else ""))
+    return RunResult(cell, outcome.status, outcome.record, outcome.error)
 
 
 def run_cells(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[RunResult]:
@@ -221,27 +162,6 @@ def run_cells(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list
 
 
 # --------------------------------------------------------------------------- aggregation (pure)
-def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
-    """Mean and sample standard deviation (ddof=1; ``None`` for a single value)."""
-    if not values:
-        raise ValueError("mean_std needs at least one value")
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def format_cell(values: Sequence[float], n_failed: int = 0, scale: float = 100.0, decimals: int = 1) -> str:
-    """``"mean ± std (n=k)"`` of ``values * scale`` (accuracies in [0, 1] -> percent).
-
-    A single value is ``"m (n=1)"``; failed runs are counted (``"...; 1 failed"``), never dropped
-    silently; no values at all is ``"failed (k runs)"`` or ``"not run"``.
-    """
-    if not values:
-        return f"failed ({n_failed} run{'s' if n_failed != 1 else ''})" if n_failed else "not run"
-    mean, std = mean_std([v * scale for v in values])
-    text = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
-    return f"{text} (n={len(values)}{f'; {n_failed} failed' if n_failed else ''})"
-
-
 def format_wall(values: Sequence[float]) -> str:
     """Mean wall time in seconds, ``"123 s"`` (``"–"`` without finished runs)."""
     return f"{statistics.fmean(values):.0f} s" if values else "–"
@@ -252,16 +172,6 @@ def cell_values(results: Iterable[RunResult], row: str, col: str, key: str) -> t
     mine = sorted((r for r in results if r.cell.row == row and r.cell.col == col), key=lambda r: r.cell.seed)
     values = [float(r.record[key]) for r in mine if r.ok and r.record is not None and r.record.get(key) is not None]
     return values, sum(1 for r in mine if not r.ok)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub markdown table (first column left-aligned, the others right-aligned)."""
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    out = [line(header), "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
 
 
 def grid_table(results: Sequence[RunResult], rows: Sequence[tuple[str, str]], cols: Sequence[tuple[str, str]],

@@ -18,7 +18,7 @@ class _Counted(Domain):
         self.counts = counts
 
     @property
-    def classes(self) -> list[str]:
+    def all_classes(self) -> list[str]:
         return ["zero", "one", "two"]
 
     def _build(self, split):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -33,7 +33,7 @@ def _root(root: Optional[str], download: bool) -> Path:
 
 class _DigitDomain(Domain):
     @property
-    def classes(self) -> list[str]:
+    def all_classes(self) -> list[str]:
         return list(DIGIT_CLASSES)
 
 
@@ -46,13 +46,16 @@ class MNISTDomain(_DigitDomain):
         root: data root (default ``$TLFRAME_DATA_ROOT`` or ``./data``).
         download: let torchvision download the files into ``<root>/MNIST/raw`` if missing.
         labelled: if False every label is -1.
+        class_subset: keep only these digits (e.g. ``[5, 6, 7, 8, 9]``), relabelled 0..k-1 with their
+            names kept (``classes == ["5", ..., "9"]``); see :class:`~tlframe.data.domains.Domain`.
     """
 
     FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True) -> None:
-        super().__init__(labelled)
+    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True,
+                 class_subset: Optional[list[Union[int, str]]] = None) -> None:
+        super().__init__(labelled, class_subset)
         self.root = _root(root, download)
         self.download = download
         if not download:
@@ -102,10 +105,13 @@ class USPSDomain(_DigitDomain):
         download: let torchvision download the bz2 files into ``<root>`` if neither
             format is present.
         labelled: if False every label is -1.
+        class_subset: keep only these digits (e.g. ``[5, 6, 7, 8, 9]``), relabelled 0..k-1 with their
+            names kept (``classes == ["5", ..., "9"]``); see :class:`~tlframe.data.domains.Domain`.
     """
 
-    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True) -> None:
-        super().__init__(labelled)
+    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True,
+                 class_subset: Optional[list[Union[int, str]]] = None) -> None:
+        super().__init__(labelled, class_subset)
         self.root = _root(root, download)
         self.download = download
         if not download and not self._h5.is_file() and not self._has_bz2():
@@ -188,10 +194,13 @@ class MNISTMDomain(_DigitDomain):
     Args:
         root: data root (default ``$TLFRAME_DATA_ROOT`` or ``./data``).
         labelled: if False every label is -1.
+        class_subset: keep only these digits (e.g. ``[5, 6, 7, 8, 9]``), relabelled 0..k-1 with their
+            names kept (``classes == ["5", ..., "9"]``); see :class:`~tlframe.data.domains.Domain`.
     """
 
-    def __init__(self, root: Optional[str] = None, labelled: bool = True) -> None:
-        super().__init__(labelled)
+    def __init__(self, root: Optional[str] = None, labelled: bool = True,
+                 class_subset: Optional[list[Union[int, str]]] = None) -> None:
+        super().__init__(labelled, class_subset)
         self.root = resolve_data_root(root)
         self._folder: Optional[Path] = None
         if not self._extracted(self.root / "mnist_m") and not self._archive.is_file():
@@ -257,12 +266,15 @@ class SVHNDomain(_DigitDomain):
         root: data root (default ``$TLFRAME_DATA_ROOT`` or ``./data``).
         download: let torchvision download the files if missing.
         labelled: if False every label is -1.
+        class_subset: keep only these digits (e.g. ``[5, 6, 7, 8, 9]``), relabelled 0..k-1 with their
+            names kept (``classes == ["5", ..., "9"]``); see :class:`~tlframe.data.domains.Domain`.
     """
 
     FILES = ("train_32x32.mat", "test_32x32.mat")
 
-    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True) -> None:
-        super().__init__(labelled)
+    def __init__(self, root: Optional[str] = None, download: bool = False, labelled: bool = True,
+                 class_subset: Optional[list[Union[int, str]]] = None) -> None:
+        super().__init__(labelled, class_subset)
         self.root = _root(root, download)
         self.download = download
         if not download and self._folder() is None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import abc
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from tlframe.data.datasets import FileImageDataset
+from tlframe.data.datasets import ArrayImageDataset, FileImageDataset
 from tlframe.data.errors import DataError
 from tlframe.data.paths import find_path
 
@@ -29,16 +30,48 @@ class Domain(abc.ABC):
     them to the backbone's channel count). When the domain is built with
     ``labelled=False`` every label is ``-1``, so the labels can never leak into training.
     Datasets are built on first use and cached on the domain.
+
+    Every domain takes ``class_subset``: keep only the images of these classes, relabelled
+    ``0..k-1`` in the order given, with their names kept (``classes`` lists the kept names). An
+    entry is a class index of the full domain (an ``int``: ``[5, 6, 7, 8, 9]`` for the digits 5-9)
+    or a class name (a ``str``: ``["dog", "cat"]`` for an image folder). A subclass implements
+    :attr:`all_classes` (the full list) and ``_build`` (the full split); the subset is applied here.
     """
 
-    def __init__(self, labelled: bool = True) -> None:
+    def __init__(self, labelled: bool = True, class_subset: Optional[list[Union[int, str]]] = None) -> None:
         self.labelled = bool(labelled)
+        self.class_subset = check_class_subset(class_subset)
         self._datasets: dict[str, Dataset] = {}
 
     @property
     @abc.abstractmethod
+    def all_classes(self) -> list[str]:
+        """Names of every class of the domain, before ``class_subset``."""
+
+    @property
     def classes(self) -> list[str]:
-        """Class names; the label ``i`` means ``classes[i]``."""
+        """Class names; the label ``i`` means ``classes[i]`` (after ``class_subset``)."""
+        names = self.all_classes
+        return names if self.class_subset is None else [names[i] for i in self._subset_indices()]
+
+    def _subset_indices(self) -> list[int]:
+        """``class_subset`` as indices into :attr:`all_classes` (checked against it)."""
+        names = self.all_classes
+        indices = []
+        for c in self.class_subset or []:
+            if isinstance(c, str):
+                if c not in names:
+                    raise DataError(f"class_subset: {type(self).__name__} has no class {c!r}; its classes are "
+                                    f"{names} (give names from that list, or indices 0..{len(names) - 1}).")
+                indices.append(names.index(c))
+            else:
+                if not 0 <= c < len(names):
+                    raise DataError(f"class_subset: class index {c} is out of range for {type(self).__name__} "
+                                    f"({len(names)} classes, indices 0..{len(names) - 1}).")
+                indices.append(c)
+        if len(set(indices)) != len(indices):
+            raise DataError(f"class_subset {self.class_subset} names a class twice: list each class once.")
+        return indices
 
     @property
     def name(self) -> str:
@@ -58,7 +91,10 @@ class Domain(abc.ABC):
         if split not in ("train", "test"):
             raise DataError(f"split must be 'train' or 'test', got {split!r}: use one of those two.")
         if split not in self._datasets:
-            self._datasets[split] = self._build(split)
+            data = self._build(split)
+            if self.class_subset is not None:
+                data = subset_classes(data, self._subset_indices())
+            self._datasets[split] = data
         return self._datasets[split]
 
     @abc.abstractmethod
@@ -66,7 +102,43 @@ class Domain(abc.ABC):
         """Build the dataset of one split (the caller caches it)."""
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, labelled={self.labelled})"
+        subset = f", class_subset={self.class_subset}" if self.class_subset is not None else ""
+        return f"{type(self).__name__}(name={self.name!r}, labelled={self.labelled}{subset})"
+
+
+def check_class_subset(class_subset: Optional[list[Union[int, str]]]) -> Optional[list[Union[int, str]]]:
+    """Type-check a ``class_subset`` argument (its entries are checked against the classes on first use)."""
+    if class_subset is None:
+        return None
+    if isinstance(class_subset, (str, bytes)) or not hasattr(class_subset, "__iter__"):
+        raise DataError(f"class_subset must be a list of class indices or names, got {class_subset!r}.")
+    subset = list(class_subset)
+    if not subset:
+        raise DataError("class_subset is empty: list at least one class (or leave it null for all classes).")
+    bad = [c for c in subset if isinstance(c, bool) or not isinstance(c, (int, str))]
+    if bad:
+        raise DataError(f"class_subset entries must be class indices (int) or names (str), got {bad}.")
+    return subset
+
+
+def subset_classes(data: Dataset, keep: list[int]) -> Dataset:
+    """The items of ``data`` whose label is in ``keep``, relabelled ``keep[i] -> i`` (labels read without decoding).
+
+    The real labels are kept by the raw datasets even when the domain is unlabelled, so the subset
+    is the same with ``labelled=False`` (whose items still read as ``-1``).
+    """
+    remap = np.full(max(keep) + 1, -1, dtype=np.int64)
+    remap[keep] = np.arange(len(keep))
+    if isinstance(data, ArrayImageDataset):
+        labels = data.labels
+        mask = (labels >= 0) & (labels <= max(keep))
+        mask[mask] = remap[labels[mask]] >= 0
+        return ArrayImageDataset(data.images[mask], remap[labels[mask]], labelled=data.labelled)
+    if isinstance(data, FileImageDataset):
+        samples = [(p, int(remap[y])) for p, y in data.samples if 0 <= y <= max(keep) and remap[y] >= 0]
+        return FileImageDataset(samples, labelled=data.labelled)
+    raise DataError(f"class_subset is not supported for datasets of type {type(data).__name__}: the domain must "
+                    "build an ArrayImageDataset or a FileImageDataset.")
 
 
 def _is_image(name: str) -> bool:
@@ -114,10 +186,12 @@ class ImageFolderDomain(Domain):
             is also looked up under the data root (``$TLFRAME_DATA_ROOT`` or ``./data``).
         test_root: optional folder of the same layout for the ``"test"`` split.
         labelled: if False every label is -1.
+        class_subset: keep only these classes (indices or folder names), relabelled 0..k-1; see :class:`Domain`.
     """
 
-    def __init__(self, root: str, test_root: Optional[str] = None, labelled: bool = True) -> None:
-        super().__init__(labelled)
+    def __init__(self, root: str, test_root: Optional[str] = None, labelled: bool = True,
+                 class_subset: Optional[list[Union[int, str]]] = None) -> None:
+        super().__init__(labelled, class_subset)
         self.root = find_path(root, "image folder")
         self.test_root = find_path(test_root, "test image folder") if test_root else None
         self._scans: dict[Path, tuple[list[str], list[tuple[str, int]]]] = {}
@@ -132,16 +206,16 @@ class ImageFolderDomain(Domain):
         return self.root.name
 
     @property
-    def classes(self) -> list[str]:
+    def all_classes(self) -> list[str]:
         return list(self._scan(self.root)[0])
 
     def _build(self, split: Split) -> Dataset:
         root = self.test_root if split == "test" and self.test_root is not None else self.root
         classes, samples = self._scan(root)
-        if classes != self.classes:
+        if classes != self.all_classes:
             raise DataError(
                 f"test folder {root} has classes {classes} but train folder {self.root} has "
-                f"{self.classes}: make the class folders of both match."
+                f"{self.all_classes}: make the class folders of both match."
             )
         return FileImageDataset(samples, labelled=self.labelled)
 
@@ -199,6 +273,7 @@ class ImageListDomain(Domain):
         classes: class names, index = label. Default ``class_0 .. class_{k-1}`` with ``k``
             one more than the largest label in the lists.
         labelled: if False every label is -1.
+        class_subset: keep only these classes (label indices or names), relabelled 0..k-1; see :class:`Domain`.
     """
 
     def __init__(
@@ -208,8 +283,9 @@ class ImageListDomain(Domain):
         test_list_file: Optional[str] = None,
         classes: Optional[list[str]] = None,
         labelled: bool = True,
+        class_subset: Optional[list[Union[int, str]]] = None,
     ) -> None:
-        super().__init__(labelled)
+        super().__init__(labelled, class_subset)
         self.list_file = find_path(list_file, "list file")
         self.root = find_path(root, "image root") if root else self.list_file.parent
         self.test_list_file = find_path(test_list_file, "test list file") if test_list_file else None
@@ -227,7 +303,7 @@ class ImageListDomain(Domain):
         return self.list_file.stem
 
     @property
-    def classes(self) -> list[str]:
+    def all_classes(self) -> list[str]:
         top = max(y for split in ("train", "test") for _, y in self._read(split))
         if self._given_classes is None:
             return [f"class_{i}" for i in range(top + 1)]
@@ -239,5 +315,5 @@ class ImageListDomain(Domain):
         return list(self._given_classes)
 
     def _build(self, split: Split) -> Dataset:
-        _ = self.classes  # validates the labels against the class names
+        _ = self.all_classes  # validates the labels against the class names
         return FileImageDataset(self._read(split), labelled=self.labelled)

@@ -16,7 +16,7 @@ same arguments give the same bytes on every machine. Train and test use differen
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -142,6 +142,7 @@ class SyntheticDomain(Domain):
         image_size: side length in pixels.
         seed: RNG seed; train and test use different streams derived from it.
         labelled: if False every label is -1.
+        class_subset: keep only these shapes (indices or names), relabelled 0..k-1; see :class:`Domain`.
     """
 
     def __init__(
@@ -152,8 +153,9 @@ class SyntheticDomain(Domain):
         image_size: int = 32,
         seed: int = 0,
         labelled: bool = True,
+        class_subset: Optional[list[Union[int, str]]] = None,
     ) -> None:
-        super().__init__(labelled)
+        super().__init__(labelled, class_subset)
         if style not in _STYLE_CODE:
             raise DataError(f"style must be 'source' or 'target', got {style!r}: use one of those.")
         if num_train < 1 or num_test < 1:
@@ -173,7 +175,7 @@ class SyntheticDomain(Domain):
         return f"synthetic-{self.style}"
 
     @property
-    def classes(self) -> list[str]:
+    def all_classes(self) -> list[str]:
         return list(SHAPES)
 
     def _build(self, split: Split) -> Dataset:

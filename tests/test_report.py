@@ -1,0 +1,142 @@
+"""``tlframe report``: tables from hand-made sweep folders (values, std/stderr, n, failed/missing, ranking, CSV, plot)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from tlframe import report
+from tlframe.cli import main as tlframe_main
+
+
+def _stats(values: list[float]) -> dict:
+    return {"last": values[-1], "max": max(values), "min": min(values), "step": len(values), "count": len(values)}
+
+
+def make_sweep(root: Path) -> Path:
+    """Axes method x lr, seeds 0-2. a/0.1: 3 done; a/1.0: 2 done + 1 failed; b/0.1: 1 done, 1 unfinished, 1 not run;
+    b/1.0: nothing finished (1 failed, 2 not run)."""
+    curves = {  # (method, lr, seed) -> val/target_acc over epochs; val/source_acc = target + 0.1
+        ("a", "0.1", 0): [0.5, 0.7, 0.6], ("a", "0.1", 1): [0.6, 0.8], ("a", "0.1", 2): [0.7, 0.9, 0.8],
+        ("a", "1.0", 0): [0.2, 0.3], ("a", "1.0", 1): [0.4, 0.5],
+        ("b", "0.1", 2): [0.95, 0.9],
+    }
+    status = {("a", "1.0", 2): "failed", ("b", "0.1", 0): "unfinished", ("b", "1.0", 0): "failed"}
+    runs = []
+    for method in ("a", "b"):
+        for lr in ("0.1", "1.0"):
+            for seed in (0, 1, 2):
+                h = f"{method}{lr.replace('.', '')}s{seed}"
+                runs.append({"hash": h, "index": len(runs), "point": {"method": method, "lr": lr}, "seed": seed})
+                run_dir = root / "runs" / h
+                key = (method, lr, seed)
+                if key in curves:
+                    run_dir.mkdir(parents=True)
+                    curve = curves[key]
+                    (run_dir / "done.json").write_text(json.dumps({"scalars": {
+                        "val/target_acc": _stats(curve), "val/source_acc": _stats([v + 0.1 for v in curve]),
+                        "train/loss": _stats([1.0, 0.5])}}))
+                elif status.get(key) == "failed":
+                    run_dir.mkdir(parents=True)
+                    (run_dir / "failed.json").write_text(json.dumps({"exit_code": 1, "error": "exit code 1; see log"}))
+                elif status.get(key) == "unfinished":
+                    run_dir.mkdir(parents=True)
+    (root / "sweep.json").write_text(json.dumps({"axes": ["method", "lr"], "seeds": [0, 1, 2], "runs": runs}))
+    return root
+
+
+def test_mean_std_and_stderr():
+    assert report.mean_std([1.0, 2.0, 3.0, 4.0]) == (2.5, pytest.approx(1.2909944487358056))
+    assert report.mean_spread([1.0, 2.0, 3.0, 4.0], stderr=True)[1] == pytest.approx(1.2909944487358056 / 2)
+    assert report.mean_std([0.7]) == (0.7, None)
+    assert report.format_stat([0.6, 0.8, 0.8], decimals=3) == "0.733 ± 0.115"
+    assert report.format_stat([0.5]) == "0.5000" and report.format_stat([]) == "–"
+
+
+def test_metric_specs():
+    record = {"scalars": {"val/x": {"last": 0.2, "max": 0.9, "min": 0.1}}}
+    assert report.metric_value(record, "val/x") == 0.2 and report.metric_value(record, "max:val/x") == 0.9
+    assert report.metric_value(record, "min:val/x") == 0.1 and report.metric_value(record, "val/y") is None
+    assert report.parse_metric("weird:tag") == ("last", "weird:tag")
+
+
+def test_table_values_counts_and_missing_runs(tmp_path):
+    sweep = make_sweep(tmp_path)
+    axes, entries = report.collect(sweep)
+    assert axes == ["method", "lr"] and len(entries) == 12
+    assert report.default_metrics(entries) == ["val/source_acc", "val/target_acc", report.ORACLE]
+    rows = report.aggregate(axes, entries, ["val/target_acc", report.ORACLE])
+    by_point = {(r.point["method"], r.point["lr"]): r for r in rows}
+    a01 = by_point[("a", "0.1")]
+    assert a01.values["val/target_acc"] == [0.6, 0.8, 0.8] and a01.values[report.ORACLE] == [0.7, 0.8, 0.9]
+    assert report.runs_cell(a01) == "3/3"
+    assert report.runs_cell(by_point[("a", "1.0")]) == "2/3; 1 failed"
+    assert report.runs_cell(by_point[("b", "0.1")]) == "1/3; 1 unfinished, 1 not run"
+    assert report.runs_cell(by_point[("b", "1.0")]) == "0/3; 1 failed, 2 not run"
+    text = report.render_markdown(rows, axes, ["val/target_acc", report.ORACLE])
+    lines = text.splitlines()
+    assert "| method | lr | val/target_acc | oracle: max val/target_acc | n | runs |" in lines
+    std = statistics.stdev([0.6, 0.8, 0.8])
+    assert f"| a | 0.1 | 0.7333 ± {std:.4f} | 0.8000 ± 0.1000 | 3 | 3/3 |" in lines
+    assert "| a | 1.0 | 0.4000 ± 0.1414 | 0.4000 ± 0.1414 | 2 | 2/3; 1 failed |" in lines
+    assert "| b | 0.1 | 0.9000 | 0.9500 | 1 | 1/3; 1 unfinished, 1 not run |" in lines
+    assert "| b | 1.0 | – | – | 0 | 0/3; 1 failed, 2 not run |" in lines
+    assert "sample standard deviation over seeds (ddof=1)" in text and "Not a valid result" in text
+    assert "- `a10s2` (method=a lr=1.0 seed=2): failed: exit code 1; see log" in lines
+    assert "- `b01s1` (method=b lr=0.1 seed=1): not run" in lines
+    stderr_text = report.render_markdown(rows, axes, ["val/target_acc"], stderr=True)
+    assert f"| a | 0.1 | 0.7333 ± {std / math.sqrt(3):.4f} | 3 | 3/3 |" in stderr_text.splitlines()
+    assert "standard error" in stderr_text and "oracle" not in stderr_text
+
+
+def test_ranking_and_csv(tmp_path):
+    axes, entries = report.collect(make_sweep(tmp_path))
+    rows = report.aggregate(axes, entries, ["val/target_acc"])
+    ranked = report.rank_rows(rows, "val/target_acc")
+    assert [(r.point["method"], r.point["lr"]) for r in ranked] == [("b", "0.1"), ("a", "0.1"), ("a", "1.0"), ("b", "1.0")]
+    assert [r.point["lr"] for r in report.rank_rows(rows, "val/target_acc", ascending=True)][:3] == ["1.0", "0.1", "0.1"]
+    table = list(csv.reader(io.StringIO(report.render_csv(ranked, axes, ["val/target_acc"]))))
+    assert table[0] == ["method", "lr", "val/target_acc mean", "val/target_acc std", "n", "failed", "unfinished", "not_run"]
+    assert table[1] == ["b", "0.1", "0.9", "", "1", "0", "1", "1"]
+    assert table[2][:2] == ["a", "0.1"] and float(table[2][2]) == pytest.approx(0.7333333) and table[2][4:] == ["3", "0", "0", "0"]
+    assert table[4] == ["b", "1.0", "", "", "0", "1", "0", "2"]
+    assert report.render_csv(ranked, axes, ["val/target_acc"], stderr=True).startswith(
+        "method,lr,val/target_acc mean,val/target_acc stderr,")
+
+
+def test_report_command_writes_markdown_and_csv(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "sw")
+    with pytest.raises(SystemExit) as exit_info:
+        tlframe_main(["report", str(sweep), "--metric", "val/source_acc", "--rank-by", "max:val/target_acc",
+                      "--stderr", "--out", str(tmp_path / "t" / "table.md")])
+    assert exit_info.value.code == 0
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| rank | method | lr | val/source_acc | oracle: max val/target_acc | n | runs |" in md
+    assert "| 1 | b | 0.1 |" in md and "standard error" in md
+    assert (tmp_path / "t" / "table.csv").is_file() and "wrote" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "nothing")]) == 2
+    assert report.main([str(sweep), "--plot", "nope"]) == 2
+    assert "no sweep" in capsys.readouterr().err
+
+
+def test_report_without_manifest_reads_args_json(tmp_path):
+    run = tmp_path / "runs" / "abc"
+    run.mkdir(parents=True)
+    (run / "args.json").write_text(json.dumps({"hash": "abc", "point": {"x": "1"}, "seed": 0}))
+    (run / "done.json").write_text(json.dumps({"scalars": {"val/acc": _stats([0.3])}}))
+    axes, entries = report.collect(tmp_path)
+    assert axes == ["x"] and entries[0].status == "done"
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (pip install 'tlframe[plot]')")
+    sweep = make_sweep(tmp_path)
+    assert report.main([str(sweep), "--metric", "val/target_acc", "--plot", "lr"]) == 0
+    png = tmp_path / "report.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

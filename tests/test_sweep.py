@@ -1,0 +1,244 @@
+"""``tlframe sweep``: sweep files, grid expansion and hashing, resume, workers, SLURM, errors; shipped ablations."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tlframe import sweep as sw
+from tlframe.cli import main as tlframe_main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--data.source.init_args.num_train=100", "--data.target.init_args.num_train=100",
+         "--data.source.init_args.num_test=32", "--data.target.init_args.num_test=32", "--data.batch_size=16",
+         "--data.iters_per_epoch=2", "--trainer.max_epochs=1", "--trainer.enable_model_summary=false"]
+
+
+def write_sweep(folder: Path, spec: dict, name: str = "sweep.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def quick_spec(out: Path, **extra) -> dict:
+    return {"base": str(ROOT / "configs" / "quickstart.yaml"), "out": str(out), "args": QUICK, **extra}
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def tlframe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlframe", *args], capture_output=True, text=True, cwd=cwd, env=env(),
+                          timeout=600)
+
+
+# --------------------------------------------------------------------------- expansion and hashing (no runs)
+def test_grid_variants_seeds_expand_in_order_with_stable_hashes(tmp_path):
+    extra = write_sweep(tmp_path, {"trainer": {"max_epochs": 2}}, "extra.yaml")
+    spec = quick_spec(tmp_path / "out", grid={"model.lr": [0.01, 0.1],
+                                              "strategy": {"ft": {}, "dann": {"model.strategy": "tlframe.strategies.DANN",
+                                                                              "config": extra.name}}},
+                      variants=[{"name": "a", "model.bottleneck_dim": 64}, {"name": "b", "model.bottleneck_dim": 128}],
+                      seeds=[0, 1], seed_args=["--data.split_seed={seed}"])
+    sweep = sw.load_sweep(write_sweep(tmp_path, spec))
+    assert sweep.axes == ["model.lr", "strategy", "variant"] and len(sweep.runs) == 2 * 2 * 2 * 2
+    first, last = sweep.runs[0], sweep.runs[-1]
+    assert first.point == {"model.lr": "0.01", "strategy": "ft", "variant": "a"} and first.seed == 0
+    assert last.point == {"model.lr": "0.1", "strategy": "dann", "variant": "b"} and last.seed == 1
+    assert last.args[-5:] == ["--model.lr=0.1", "--model.strategy=tlframe.strategies.DANN", "--model.bottleneck_dim=128",
+                              "--seed_everything=1", "--data.split_seed=1"]
+    assert last.configs == [str(ROOT / "configs" / "quickstart.yaml"), str(extra)]
+    argv = last.argv()
+    assert argv[:4] == [sys.executable, "-m", "tlframe", "fit"] and argv[4:8] == ["-c", last.configs[0], "-c", str(extra)]
+    assert f"--trainer.logger.init_args.save_dir={last.run_dir}" in argv
+    # every run its own folder; the same file read again gives the same folders
+    hashes = [r.hash for r in sweep.runs]
+    assert len(set(hashes)) == len(hashes) and all(len(h) == 12 for h in hashes)
+    assert [r.hash for r in sw.load_sweep(tmp_path / "sweep.yaml").runs] == hashes
+    assert first.run_dir == tmp_path / "out" / "runs" / first.hash
+    # different arguments -> different folder; the output folder and the environment are not hashed
+    moved = sw.load_sweep(write_sweep(tmp_path, {**spec, "out": str(tmp_path / "elsewhere"), "env": {"X": "1"}}, "b.yaml"))
+    assert [r.hash for r in moved.runs] == hashes
+    changed = sw.load_sweep(write_sweep(tmp_path, {**spec, "args": [*QUICK, "--model.lr=0.5"]}, "c.yaml"))
+    assert not set(r.hash for r in changed.runs) & set(hashes)
+    info = first.info()
+    assert info["hash"] == first.hash and info["point"] == first.point and "--seed_everything=0" in info["command_line"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"bsae": "x.yaml"}, "unknown key(s) ['bsae']"),
+    ({"grid": {}}, "grid is empty"),
+    ({"grid": {"model.lr": []}}, "grid axis 'model.lr' must be a non-empty list"),
+    ({"grid": {"s": {}}}, "grid axis 's' has no values"),
+    ({"base": "missing.yaml"}, "config file 'missing.yaml' not found"),
+    ({"base": None, "grid": {"model.lr": [0.1]}}, "no config file for the point"),
+    ({"seeds": []}, "seeds must be a non-empty list of integers"),
+    ({"seeds": [0, 0]}, "seeds repeat"),
+    ({"command": "train"}, "command must be one of"),
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique"),
+    ({"grid": {"model.lr": [0.1, "0.1"]}}, "have the same arguments"),
+])
+def test_bad_sweep_files_exit_2_with_a_clear_message(tmp_path, capsys, spec, message):
+    path = write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), **spec})
+    with pytest.raises(SystemExit) as exit_info:
+        tlframe_main(["sweep", str(path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlframe sweep: error:") and message in err and "Traceback" not in err
+
+
+def test_missing_sweep_file_and_bad_yaml_exit_2(tmp_path, capsys):
+    assert sw.main([str(tmp_path / "nope.yaml")]) == 2
+    (tmp_path / "bad.yaml").write_text("grid: [\n")
+    assert sw.main([str(tmp_path / "bad.yaml")]) == 2
+    assert sw.main([str(write_sweep(tmp_path, quick_spec(tmp_path / "o"))), "--index", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "not valid YAML" in err and "--index 5 is out of range" in err
+
+
+def test_slurm_script(tmp_path, capsys):
+    path = write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), "grid": {"model.lr": [0.01, 0.1, 1.0]}, "seeds": [0, 1],
+                                  "slurm": ["--gres=gpu:1"]})
+    assert sw.main([str(path), "--slurm", str(tmp_path / "job.sbatch"), "--slurm-option=--time=01:00:00"]) == 0
+    text = (tmp_path / "job.sbatch").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash" and "#SBATCH --array=0-5" in lines
+    assert "#SBATCH --gres=gpu:1" in lines and "#SBATCH --time=01:00:00" in lines
+    assert f"#SBATCH --output={tmp_path / 'out' / 'slurm'}/%A_%a.log" in lines and (tmp_path / "out" / "slurm").is_dir()
+    assert lines[-1] == (f"{sys.executable} -m tlframe sweep {path} --out {tmp_path / 'out'} "
+                         '--index "$SLURM_ARRAY_TASK_ID"')
+    assert all(ln.startswith("#") for ln in lines[: lines.index("set -euo pipefail")])  # #SBATCH before any command
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"][5]["index"] == 5
+    assert "6 array tasks" in capsys.readouterr().out
+
+
+def test_gpu_pinning_one_gpu_per_running_run(tmp_path, monkeypatch):
+    """Workers take a free GPU id for each run and give it back (a fake run records CUDA_VISIBLE_DEVICES)."""
+    sweep = sw.load_sweep(write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), "seeds": [0, 1, 2, 3]}))
+    seen = []
+
+    def fake_run_one(run):
+        seen.append(run.env.get("CUDA_VISIBLE_DEVICES"))
+        return sw.RunOutcome("done", {}, wall_s=0.0)
+
+    monkeypatch.setattr(sw, "run_one", fake_run_one)
+    outcomes = sw.run_sweep(sweep, workers=2, gpus=["3", "5"], stream=open(os.devnull, "w"))
+    assert len(outcomes) == 4 and sorted(set(seen)) == ["3", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
+    assert sw.visible_gpus() == ["2", "7"]
+
+
+# --------------------------------------------------------------------------- real tiny runs
+def test_resume_after_kill_reruns_only_unfinished_runs_and_records_failures(tmp_path):
+    spec = quick_spec(tmp_path / "out", grid={"model.lr": [0.01, 0.02, "oops"]})
+    path = write_sweep(tmp_path, spec)
+    finished, killed, bad = sw.load_sweep(path).runs
+    # a run finished earlier (hand-made done.json) and one a SIGKILL cut short (files, no done.json)
+    finished.run_dir.mkdir(parents=True)
+    (finished.run_dir / "done.json").write_text(json.dumps({"scalars": {"val/target_acc": {"last": 0.5, "max": 0.5}}}))
+    stamp = (finished.run_dir / "done.json").stat().st_mtime_ns
+    (killed.run_dir / "checkpoints").mkdir(parents=True)
+    (killed.run_dir / "checkpoints" / "last.ckpt").write_bytes(b"cut short")
+    (killed.run_dir / "events.out.tfevents.0.host").write_bytes(b"partial")
+    result = tlframe("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr  # one run failed
+    out = result.stdout
+    assert f"skipped {finished.hash}" in out and f"done {killed.hash}" in out and f"FAILED {bad.hash}" in out
+    assert "[3/3]" in out and "1 failed" in out
+    assert (finished.run_dir / "done.json").stat().st_mtime_ns == stamp  # not redone
+    assert not (killed.run_dir / "events.out.tfevents.0.host").exists()  # restarted from scratch
+    done = json.loads((killed.run_dir / "done.json").read_text())
+    assert 0.0 <= done["scalars"]["val/target_acc"]["last"] <= done["scalars"]["val/target_acc"]["max"] <= 1.0
+    assert done["hash"] == killed.hash and json.loads((killed.run_dir / "args.json").read_text())["seed"] == 0
+    failed = json.loads((bad.run_dir / "failed.json").read_text())
+    assert failed["exit_code"] == 2 and "oops" in failed["log_tail"] and not (bad.run_dir / "done.json").exists()
+    # the sweep again: nothing finished is redone, the failed run is tried again
+    stamp = (killed.run_dir / "done.json").stat().st_mtime_ns
+    again = tlframe("sweep", str(path), cwd=tmp_path)
+    assert again.returncode == 1 and f"skipped {killed.hash}" in again.stdout and f"FAILED {bad.hash}" in again.stdout
+    assert (killed.run_dir / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path):
+    """The strategy axis of configs/ablations/strategies_digits.yaml, end to end on tiny synthetic runs, 2 workers."""
+    shipped = yaml.safe_load((ROOT / "configs/ablations/strategies_digits.yaml").read_text())
+    path = write_sweep(tmp_path, quick_spec(tmp_path / "out", grid={"strategy": shipped["grid"]["strategy"]}))
+    result = tlframe("sweep", str(path), "--workers", "2", "--gpus", "none", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 runs (0 already done)" in result.stdout and "2 workers" in result.stdout and "[4/4]" in result.stdout
+    assert "ETA" in result.stdout
+    runs = sw.load_sweep(path).runs
+    assert all((r.run_dir / "done.json").is_file() for r in runs)
+    ran = [yaml.safe_load((r.run_dir / "config.yaml").read_text())["model"]["strategy"]["class_path"] for r in runs]
+    assert ran == [f"tlframe.strategies.{s}" for s in ("FineTune", "FrozenFeatures", "DANN", "MMD")]
+    report = tlframe("report", str(tmp_path / "out"), "--rank-by", "val/source_acc", cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| rank | strategy | val/source_acc |" in table and "oracle: max val/target_acc" in table
+    assert table.count("| 1 | 1/1 |") == 4 and "| frozen_random |" in table
+    assert (tmp_path / "out" / "report.csv").read_text().startswith("strategy,val/source_acc mean,val/source_acc std,")
+
+
+def test_layer_transfer_real_mnist_3_steps(shared_data, tmp_path):
+    """The shipped ablation, shortened: pretrain on MNIST 0-4 for 3 steps, then one transfer point of the sweep."""
+    common = ["--trainer.max_steps=3", "--data.iters_per_epoch=3", "--trainer.limit_val_batches=2",
+              "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"]
+    pre = subprocess.run([sys.executable, "-m", "tlframe", "fit", "-c", str(ROOT / "configs/ablations/pretrain_mnist_0to4.yaml"),
+                          *common], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env(), "TLFRAME_DATA_ROOT": str(shared_data)}, timeout=600)
+    assert pre.returncode == 0, pre.stdout + pre.stderr
+    assert (tmp_path / "runs/ablations/pretrain_mnist_0to4/version_0/checkpoints/last.ckpt").is_file()
+    spec = yaml.safe_load((ROOT / "configs/ablations/layer_transfer.yaml").read_text())
+    spec["base"] = str(ROOT / "configs/ablations" / spec["base"])
+    spec.update(out=str(tmp_path / "sweep"), args=common, seeds=[0], env={"TLFRAME_DATA_ROOT": str(shared_data)})
+    path = write_sweep(tmp_path, spec)
+    sweep = sw.load_sweep(path)
+    index = next(r.index for r in sweep.runs if r.point == {"init": "pretrained", "model.strategy.init_args.freeze_stages": "1"})
+    result = tlframe("sweep", str(path), "--index", str(index), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = sweep.runs[index]
+    done = json.loads((run.run_dir / "done.json").read_text())
+    assert 0.0 <= done["scalars"]["val/target_acc"]["last"] <= 1.0 and "val/source_acc" not in done["scalars"]
+    assert "--model.strategy.init_args.freeze_stages=1" in done["argv"] and "--data.split_seed=0" in done["argv"]
+    config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    assert config["data"]["source"]["init_args"]["class_subset"] == [5, 6, 7, 8, 9]
+    assert config["model"]["weights"].endswith("pretrain_mnist_0to4/version_0/checkpoints/last.ckpt")
+
+
+# --------------------------------------------------------------------------- shipped ablation sweeps
+@pytest.mark.parametrize("name, n_runs", [("strategies_digits", 36), ("layer_transfer", 18)])
+def test_shipped_ablation_sweeps_parse(name, n_runs, tmp_path, capsys):
+    sweep = sw.load_sweep(ROOT / "configs" / "ablations" / f"{name}.yaml", out=str(tmp_path))
+    assert len(sweep.runs) == n_runs and sweep.seeds == [0, 1, 2]
+    for run in sweep.runs:
+        if run.seed != 0:
+            continue
+        configs = [a for c in run.configs for a in ("-c", c)]
+        with pytest.raises(SystemExit) as exit_info:
+            tlframe_main(["fit", *configs, *run.args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        assert cfg["seed_everything"] == 0
+        if name == "strategies_digits":
+            strategy = cfg["model"]["strategy"]["class_path"].rsplit(".", 1)[-1]
+            assert strategy == {"source_only": "FineTune", "frozen_random": "FrozenFeatures", "dann": "DANN",
+                                "mmd": "MMD"}[run.point["strategy"]]
+            assert cfg["trainer"]["max_epochs"] == 2
+        else:
+            assert cfg["model"]["strategy"]["init_args"]["freeze_stages"] == int(run.point["model.strategy.init_args.freeze_stages"])
+            assert (cfg["model"]["weights"] is None) == (run.point["init"] == "random")
+
+
+def test_pretrain_config_parses(capsys):
+    with pytest.raises(SystemExit):
+        tlframe_main(["fit", "-c", str(ROOT / "configs/ablations/pretrain_mnist_0to4.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["source"]["init_args"]["class_subset"] == [0, 1, 2, 3, 4]

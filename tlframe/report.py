@@ -1,0 +1,350 @@
+"""``tlframe report SWEEP_DIR``: the final metrics of a sweep's runs as a table, grouped by the grid axes.
+
+Each row is one grid point (every axis but the seed); each metric column is ``mean ± std`` over the
+point's finished seeds, where std is the **sample** standard deviation (ddof=1), or with ``--stderr``
+the standard error ``std / sqrt(n)``. ``n`` counts finished runs; failed, unfinished and never-run
+runs are counted in the ``runs`` column and listed below the table, never dropped silently.
+
+Metrics are read from each run's ``done.json`` (the statistics of every TensorBoard scalar, see
+:mod:`tlframe.runs`). A metric is a tag (``val/source_acc``: its **last** logged value) or
+``max:<tag>`` / ``min:<tag>`` (the max / min over the logged values). Default: the last value of
+every ``val/*`` tag plus ``max:val/target_acc``, the *oracle* column: it selects the epoch with
+the target test labels, so it is an upper bound on model selection, not a valid DA result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tlframe.atomic import atomic_write_text
+from tlframe.runs import DONE, FAILED
+
+__all__ = ["mean_std", "format_cell", "markdown_table", "metric_value", "collect", "aggregate", "render_markdown",
+           "render_csv", "plot", "main", "ORACLE", "STD_NOTE", "STDERR_NOTE", "ORACLE_NOTE"]
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+ORACLE = "max:val/target_acc"
+STD_NOTE = "± is the sample standard deviation over seeds (ddof=1)"
+STDERR_NOTE = "± is the standard error of the mean over seeds (sample std with ddof=1, divided by sqrt(n))"
+ORACLE_NOTE = ("oracle = max over epochs of val/target_acc: it picks the epoch with the target test labels, "
+               "so it is an upper bound on model selection, not a valid unsupervised/few-label result")
+STATS = ("last", "max", "min")
+
+
+# --------------------------------------------------------------------------- pure aggregation
+def mean_std(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (ddof=1; ``None`` for a single value)."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def mean_spread(values: Sequence[float], stderr: bool = False) -> tuple[float, Optional[float]]:
+    """Mean and its ± (sample std, or standard error with ``stderr``)."""
+    mean, std = mean_std(values)
+    if std is not None and stderr:
+        std /= math.sqrt(len(values))
+    return mean, std
+
+
+def format_cell(values: Sequence[float], n_failed: int = 0, scale: float = 100.0, decimals: int = 1) -> str:
+    """``"mean ± std (n=k)"`` of ``values * scale`` (accuracies in [0, 1] -> percent).
+
+    A single value is ``"m (n=1)"``; failed runs are counted (``"...; 1 failed"``), never dropped
+    silently; no values at all is ``"failed (k runs)"`` or ``"not run"``.
+    """
+    if not values:
+        return f"failed ({n_failed} run{'s' if n_failed != 1 else ''})" if n_failed else "not run"
+    mean, std = mean_std([v * scale for v in values])
+    text = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+    return f"{text} (n={len(values)}{f'; {n_failed} failed' if n_failed else ''})"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A GitHub markdown table (the first ``left`` columns left-aligned, the others right-aligned)."""
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    out = [line(header), "|" + "|".join([":---"] * left + ["---:"] * (len(header) - left)) + "|"]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def parse_metric(spec: str) -> tuple[str, str]:
+    """``"val/x"`` -> ``("last", "val/x")``; ``"max:val/x"`` -> ``("max", "val/x")``."""
+    stat, sep, tag = spec.partition(":")
+    if sep and stat in STATS and tag:
+        return stat, tag
+    return "last", spec
+
+
+def metric_title(spec: str) -> str:
+    if spec == ORACLE:
+        return "oracle: max val/target_acc"
+    stat, tag = parse_metric(spec)
+    return tag if stat == "last" else f"{stat} {tag}"
+
+
+def metric_value(record: dict[str, Any], spec: str) -> Optional[float]:
+    """The value of ``spec`` in a ``done.json`` record (``None`` when the run did not log that tag)."""
+    stat, tag = parse_metric(spec)
+    entry = (record.get("scalars") or {}).get(tag)
+    return None if entry is None else float(entry[stat])
+
+
+# --------------------------------------------------------------------------- reading a sweep folder
+@dataclass
+class RunEntry:
+    hash: str
+    point: dict[str, str]
+    seed: int
+    status: str                        # done | failed | unfinished | not run
+    record: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
+    """The axes and every run of a sweep folder, from ``sweep.json`` (the planned runs) or else from the
+    ``runs/*/args.json`` files; each run's status from its ``done.json`` / ``failed.json``."""
+    sweep_dir = Path(sweep_dir)
+    manifest = _read_json(sweep_dir / "sweep.json")
+    if manifest is not None:
+        planned = manifest["runs"]
+        axes = list(manifest["axes"])
+    else:
+        planned = [a for a in (_read_json(p) for p in sorted(sweep_dir.glob("runs/*/args.json"))) if a]
+        axes = list(dict.fromkeys(k for a in planned for k in a.get("point", {})))
+    if not planned:
+        raise FileNotFoundError(f"{sweep_dir} holds no sweep (no sweep.json and no runs/*/args.json): "
+                                "pass the folder given to (or printed by) tlframe sweep")
+    entries = []
+    for p in planned:
+        run_dir = sweep_dir / "runs" / p["hash"]
+        done, failed = _read_json(run_dir / DONE), _read_json(run_dir / FAILED)
+        if done is not None:
+            entry = RunEntry(p["hash"], p["point"], p["seed"], "done", done)
+        elif failed is not None:
+            entry = RunEntry(p["hash"], p["point"], p["seed"], "failed", failed, failed.get("error", ""))
+        else:
+            entry = RunEntry(p["hash"], p["point"], p["seed"], "unfinished" if run_dir.exists() else "not run")
+        entries.append(entry)
+    return axes, entries
+
+
+def default_metrics(entries: Sequence[RunEntry]) -> list[str]:
+    """The last value of every ``val/*`` tag the finished runs logged, plus the oracle when ``val/target_acc`` is there."""
+    tags = sorted({t for e in entries if e.status == "done" for t in e.record.get("scalars", {}) if t.startswith("val/")})
+    return tags + ([ORACLE] if "val/target_acc" in tags else [])
+
+
+@dataclass
+class Row:
+    point: dict[str, str]
+    values: dict[str, list[float]]     # metric -> values of the finished runs (seed order)
+    counts: dict[str, int]             # status -> number of runs
+    entries: list[RunEntry]
+
+    @property
+    def n(self) -> int:
+        return self.counts.get("done", 0)
+
+
+def aggregate(axes: Sequence[str], entries: Sequence[RunEntry], metrics: Sequence[str]) -> list[Row]:
+    """One :class:`Row` per grid point, in the order the points first appear."""
+    groups: dict[tuple, list[RunEntry]] = {}
+    for e in entries:
+        groups.setdefault(tuple(e.point.get(a, "") for a in axes), []).append(e)
+    rows = []
+    for key, group in groups.items():
+        group = sorted(group, key=lambda e: e.seed)
+        values = {m: [v for e in group if e.status == "done" and (v := metric_value(e.record, m)) is not None]
+                  for m in metrics}
+        counts: dict[str, int] = {}
+        for e in group:
+            counts[e.status] = counts.get(e.status, 0) + 1
+        rows.append(Row(dict(zip(axes, key)), values, counts, group))
+    return rows
+
+
+def rank_rows(rows: list[Row], metric: str, ascending: bool = False) -> list[Row]:
+    """Rows sorted by the mean of ``metric`` (best first); rows without a value go last, in their order."""
+    scored = [r for r in rows if r.values.get(metric)]
+    rest = [r for r in rows if not r.values.get(metric)]
+    scored.sort(key=lambda r: statistics.fmean(r.values[metric]), reverse=not ascending)
+    return scored + rest
+
+
+def format_stat(values: Sequence[float], stderr: bool = False, decimals: int = 4) -> str:
+    """``"mean ± spread"``, a single value alone, ``"–"`` without values."""
+    if not values:
+        return "–"
+    mean, spread = mean_spread(values, stderr)
+    return f"{mean:.{decimals}f}" + (f" ± {spread:.{decimals}f}" if spread is not None else "")
+
+
+def runs_cell(row: Row) -> str:
+    """``"3/3"`` or ``"1/3; 1 failed, 1 not run"``: finished of planned, and what happened to the others."""
+    total = sum(row.counts.values())
+    others = [f"{row.counts[s]} {s}" for s in ("failed", "unfinished", "not run") if row.counts.get(s)]
+    return f"{row.n}/{total}" + (f"; {', '.join(others)}" if others else "")
+
+
+def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
+                    decimals: int = 4, title: str = "", rank_by: Optional[str] = None) -> str:
+    """The report: notes, the table (axes, metrics, runs), then the runs that did not finish."""
+    header = (["rank"] if rank_by else []) + list(axes) + [metric_title(m) for m in metrics] + ["n", "runs"]
+    body = []
+    for i, row in enumerate(rows, 1):
+        body.append(([str(i)] if rank_by else []) + [row.point.get(a, "") for a in axes]
+                    + [format_stat(row.values[m], stderr, decimals) for m in metrics] + [str(row.n), runs_cell(row)])
+    lines = [f"# {title}" if title else "# Sweep report", "",
+             f"Mean over seeds, {STDERR_NOTE if stderr else STD_NOTE}; n = finished runs (seeds) of the point. "
+             "Metrics are the last logged value unless named `max`/`min` (over the logged values)."]
+    if rank_by:
+        lines.append(f"Ranked by the mean of `{rank_by}`.")
+    if ORACLE in metrics:
+        lines.append(f"Not a valid result: the {ORACLE_NOTE}.")
+    lines += ["", markdown_table(header, body, left=len(axes) + bool(rank_by)), ""]
+    bad = [e for r in rows for e in r.entries if e.status != "done"]
+    if bad:
+        lines += ["## Runs without a result", ""]
+        for e in bad:
+            point = " ".join(f"{k}={v}" for k, v in e.point.items())
+            lines.append(f"- `{e.hash}` ({point} seed={e.seed}): {e.status}" + (f": {e.error}" if e.error else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False) -> str:
+    """One line per grid point: axes, ``<metric> mean``, ``<metric> std`` (or ``stderr``), n and the other counts."""
+    spread = "stderr" if stderr else "std"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*axes, *[f"{m} {s}" for m in metrics for s in ("mean", spread)],
+                     "n", "failed", "unfinished", "not_run"])
+    for row in rows:
+        cells: list[Any] = [row.point.get(a, "") for a in axes]
+        for m in metrics:
+            if row.values[m]:
+                mean, sp = mean_spread(row.values[m], stderr)
+                cells += [repr(mean), "" if sp is None else repr(sp)]
+            else:
+                cells += ["", ""]
+        cells += [row.n, row.counts.get("failed", 0), row.counts.get("unfinished", 0), row.counts.get("not run", 0)]
+        writer.writerow(cells)
+    return buf.getvalue()
+
+
+def plot(rows: Sequence[Row], axes: Sequence[str], x_axis: str, metric: str, path: Path, stderr: bool = False,
+         title: str = "") -> None:
+    """A PNG of ``metric`` (mean, error bars = the table's ±) against ``x_axis``, one line per value of the other axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    others = [a for a in axes if a != x_axis]
+    lines: dict[str, list[tuple[str, float, float]]] = {}
+    for row in rows:
+        if not row.values[metric]:
+            continue
+        mean, spread = mean_spread(row.values[metric], stderr)
+        label = ", ".join(f"{a}={row.point[a]}" for a in others) or metric
+        lines.setdefault(label, []).append((row.point[x_axis], mean, spread or 0.0))
+    xs = list(dict.fromkeys(row.point[x_axis] for row in rows))  # the axis's order in the sweep
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, pts in lines.items():
+        pts.sort(key=lambda p: xs.index(p[0]))
+        ax.errorbar([xs.index(p[0]) for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                    capsize=3, label=label)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_xlabel(x_axis)
+    ax.set_ylabel(f"{metric_title(metric)} ({'± stderr' if stderr else '± std'})")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- command line
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tlframe report", description=__doc__.split("\n\n")[0].replace("``", ""))
+    p.add_argument("sweep_dir", help="the sweep's output folder (holds sweep.json and runs/)")
+    p.add_argument("--metric", action="append", dest="metrics", metavar="M",
+                   help="a metric column (repeatable): a tag (last value) or max:<tag> / min:<tag>; "
+                        "default: every val/* tag plus max:val/target_acc (oracle)")
+    p.add_argument("--rank-by", metavar="M", help="sort the rows by the mean of this metric, best first")
+    p.add_argument("--ascending", action="store_true", help="with --rank-by: lower is better (e.g. a loss)")
+    p.add_argument("--stderr", action="store_true", help="± is the standard error instead of the sample std")
+    p.add_argument("--decimals", type=int, default=4)
+    p.add_argument("--out", help="markdown file to write (default <sweep_dir>/report.md); the CSV goes next to it")
+    p.add_argument("--plot", metavar="AXIS", help="also write a PNG of a metric against this grid axis next to the table")
+    p.add_argument("--plot-metric", metavar="M", help="the plotted metric (default --rank-by, else the first metric)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    sweep_dir = Path(args.sweep_dir).expanduser().resolve()
+
+    def fail(msg: str) -> int:
+        print(f"tlframe report: error: {msg}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    try:
+        axes, entries = collect(sweep_dir)
+    except FileNotFoundError as err:
+        return fail(str(err))
+    metrics = list(dict.fromkeys(args.metrics or default_metrics(entries)))
+    if args.rank_by and args.rank_by not in metrics:
+        metrics.append(args.rank_by)
+    if not metrics:
+        return fail(f"no finished run in {sweep_dir} logged a val/* metric: pass --metric, or finish runs first")
+    plot_metric = args.plot_metric or args.rank_by or metrics[0]
+    if args.plot and args.plot not in axes:
+        return fail(f"--plot {args.plot!r} is not a grid axis of this sweep; axes: {axes}")
+    if args.plot and plot_metric not in metrics:
+        metrics.append(plot_metric)
+    rows = aggregate(axes, entries, metrics)
+    if args.rank_by:
+        rows = rank_rows(rows, args.rank_by, args.ascending)
+    out = Path(args.out).expanduser().resolve() if args.out else sweep_dir / "report.md"
+    text = render_markdown(rows, axes, metrics, args.stderr, args.decimals, title=f"Sweep {sweep_dir.name}",
+                           rank_by=args.rank_by)
+    atomic_write_text(out, text)
+    atomic_write_text(out.with_suffix(".csv"), render_csv(rows, axes, metrics, args.stderr))
+    print(text)
+    print(f"tlframe report: wrote {out} and {out.with_suffix('.csv')}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return fail("--plot needs matplotlib: pip install 'tlframe[plot]' (or pip install matplotlib)")
+        png = out.with_suffix(".png")
+        plot(rows, axes, args.plot, plot_metric, png, args.stderr, title=f"Sweep {sweep_dir.name}")
+        print(f"tlframe report: wrote {png}")
+    return EXIT_OK

@@ -1,0 +1,155 @@
+"""One finished-or-not run as a subprocess, resumably; its final metrics from TensorBoard events.
+
+The contract shared by ``tlframe sweep`` and the benchmark scripts:
+
+- a run lives in its own directory; ``done.json`` there (written atomically, only after the
+  process exited with 0 and its metrics were read) means *finished*: the run is never redone;
+- a directory without ``done.json`` (a killed or failed attempt) is cleared and run again from
+  scratch, so a half-finished run is never counted;
+- a failed attempt writes ``failed.json`` (exit code, log tail) and the caller moves on;
+- the process output goes to ``output.log`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from tlframe.atomic import atomic_write_text
+
+__all__ = ["MetricError", "RunOutcome", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
+           "DONE", "FAILED", "log_tail"]
+
+DONE, FAILED = "done.json", "failed.json"
+
+
+class MetricError(RuntimeError):
+    """A run finished but its events do not hold what the caller needs."""
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run's TensorBoard events, ``tag -> [(step, value), ...]`` in logging order.
+
+    Uses TensorBoard's own reader (``EventAccumulator``, all events kept, no sampling).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    files = sorted(Path(run_dir).glob("events.out.tfevents.*"))
+    if not files:
+        raise MetricError(f"no TensorBoard events file in {run_dir}")
+    acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
+    acc.Reload()
+    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+
+
+def scalar_stats(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, dict[str, Any]]:
+    """Per tag: ``last`` value (and its ``step``), ``max``, ``min`` over the logged values and their ``count``."""
+    out = {}
+    for tag, points in sorted(scalars.items()):
+        if points:
+            values = [v for _, v in points]
+            out[tag] = {"last": values[-1], "step": points[-1][0], "max": max(values), "min": min(values),
+                        "count": len(values)}
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` atomically (never a half-written file)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a text file ("" when it cannot be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class RunOutcome:
+    status: str                          # "done" (ran now), "skipped" (done.json found) or "failed"
+    record: Optional[dict[str, Any]] = None
+    error: str = ""
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("done", "skipped")
+
+
+@dataclass
+class RunSpec:
+    """What :func:`execute_run` needs: where, which command, with which extra environment."""
+
+    run_dir: Path
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    needs: list[Path] = field(default_factory=list)   # files that must exist before starting (e.g. weights)
+    cwd: Optional[Path] = None
+    header: str = ""                                  # first line of output.log (the command)
+    events_dir: Optional[Path] = None                 # where the TensorBoard events are (default run_dir)
+    first_files: dict[str, Any] = field(default_factory=dict)  # JSON files written into run_dir before starting
+
+
+def default_summary(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, Any]:
+    """``done.json``'s ``scalars`` field: :func:`scalar_stats` of every logged tag."""
+    return {"scalars": scalar_stats(scalars)}
+
+
+def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
+                summarize: Callable[[dict[str, list[tuple[int, float]]]], dict[str, Any]] = default_summary,
+                ) -> RunOutcome:
+    """Run ``spec.argv`` unless ``done.json`` exists; see the module docstring.
+
+    ``summarize`` turns the run's scalars into ``done.json`` fields (it may raise :class:`MetricError`:
+    the run then counts as failed); ``extra`` fields are added to ``done.json`` (and ``failed.json``).
+    """
+    done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
+    if done.is_file():
+        return RunOutcome("skipped", json.loads(done.read_text()))
+    base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir)}
+    missing = [str(p) for p in spec.needs if not Path(p).is_file()]
+    if missing:
+        return RunOutcome("failed", error=f"not run: {', '.join(missing)} missing")
+    if spec.run_dir.exists():  # left over from a failed or interrupted attempt: start clean
+        shutil.rmtree(spec.run_dir)
+    spec.run_dir.mkdir(parents=True)
+    for name, obj in spec.first_files.items():
+        write_json_atomic(spec.run_dir / name, obj)
+    output = spec.run_dir / "output.log"
+    start = time.perf_counter()
+    with output.open("w") as f:
+        f.write((spec.header or " ".join(spec.argv)) + "\n\n")
+        f.flush()
+        proc = subprocess.run(spec.argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **spec.env},
+                              cwd=spec.cwd)
+    wall = time.perf_counter() - start
+    error = ""
+    record: dict[str, Any] = {}
+    if proc.returncode != 0:
+        error = f"exit code {proc.returncode}; see {output}"
+    else:
+        try:
+            record = summarize(read_scalars(spec.events_dir or spec.run_dir))
+        except MetricError as err:
+            error = str(err)
+    if error:
+        write_json_atomic(failed, {**base, "exit_code": proc.returncode, "error": error, "log_tail": log_tail(output),
+                                   "wall_s": round(wall, 2), "finished_utc": utc_now()})
+        return RunOutcome("failed", error=error, wall_s=wall)
+    record = {**base, **record, "wall_s": round(wall, 2), "finished_utc": utc_now()}
+    write_json_atomic(done, record)
+    return RunOutcome("done", record, wall_s=wall)
