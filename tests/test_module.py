@@ -24,3 +24,28 @@ def test_the_guard_can_be_turned_off(synthetic_dm, trainer_factory):
     model.head.classifier.weight.register_hook(lambda g: g * float("inf"))
     trainer_factory(max_steps=1).fit(model, synthetic_dm())
     assert not torch.isfinite(model.head.classifier.weight).all()
+
+
+def test_checkpoint_of_another_strategy_names_the_extra_tensors():
+    from tlframe.module import CheckpointMismatchError
+    from tlframe.strategies import DANN
+
+    dann = TransferModule("dtn", num_classes=10, strategy=DANN(hidden=32)).state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected strategy\.discriminator\.0\.weight.*strategy"):
+        TransferModule("dtn", num_classes=10).load_state_dict(dann)
+
+
+def test_accumulated_micro_batches_draw_different_random_numbers(synthetic_dm, trainer_factory):
+    import pytorch_lightning as pl
+
+    seeds = []
+
+    class Seeds(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # the seed this batch ran with
+            seeds.append((trainer.global_step, torch.initial_seed()))
+
+    pl.seed_everything(0)
+    trainer_factory(max_steps=2, accumulate_grad_batches=2, callbacks=[Seeds()]).fit(
+        TransferModule("dtn", num_classes=10, bottleneck_dropout=0.5), synthetic_dm())
+    assert [step for step, _ in seeds] == [0, 1, 1, 2]  # global_step after each micro-batch
+    assert len({seed for _, seed in seeds}) == 4  # one seed per micro-batch, none shared

@@ -8,6 +8,7 @@ destination with ``os.replace``. Readers see the old file or the new one, never 
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -26,7 +27,10 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # unique across hosts too
+    os.close(fd)
+    tmp = Path(name)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the final file private
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -188,7 +188,8 @@ class TransferModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout & co. draw from a generator seeded by (run seed, rank, global_step): resume-exact.
-        seed_generators(step_seed(run_seed(), self.global_rank, self.global_step), self.device)
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches  # distinct draws for accumulated batches
+        seed_generators(step_seed(run_seed(), self.global_rank, self.global_step, micro_batch), self.device)
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -299,8 +300,9 @@ class TransferModule(pl.LightningModule):
         wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                  for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
         missing = sorted(set(own) - set(state_dict)) if strict else []
-        if wrong or missing:
-            detail = "; ".join(wrong[:6] + [f"missing {k}" for k in missing[:6]])
+        unexpected = sorted(set(state_dict) - set(own)) if strict else []
+        if wrong or missing or unexpected:
+            detail = "; ".join(wrong[:6] + [f"missing {k}" for k in missing[:6]] + [f"unexpected {k}" for k in unexpected[:6]])
             raise CheckpointMismatchError(
                 f"the checkpoint does not fit this model ({detail}): it was trained with another backbone, "
                 "num_classes (data classes), bottleneck_dim or strategy. Resume/evaluate with the config of "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from tlframe.atomic import atomic_write_text
+from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.runs import DONE, FAILED
 
 __all__ = ["mean_std", "format_cell", "markdown_table", "metric_value", "collect", "aggregate", "render_markdown",
@@ -150,8 +150,10 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
 
 
 def default_metrics(entries: Sequence[RunEntry]) -> list[str]:
-    """The last value of every ``val/*`` tag the finished runs logged, plus the oracle when ``val/target_acc`` is there."""
-    tags = sorted({t for e in entries if e.status == "done" for t in e.record.get("scalars", {}) if t.startswith("val/")})
+    """The last value of every ``val/*`` tag the finished runs logged, plus the oracle when ``val/target_acc`` is there
+    (the ``test/*`` tags for sweeps of ``tlframe test`` runs, which log no ``val/*``)."""
+    logged = {t for e in entries if e.status == "done" for t in e.record.get("scalars", {})}
+    tags = sorted(t for t in logged if t.startswith("val/")) or sorted(t for t in logged if t.startswith("test/"))
     return tags + ([ORACLE] if "val/target_acc" in tags else [])
 
 
@@ -283,11 +285,9 @@ def plot(rows: Sequence[Row], axes: Sequence[str], x_axis: str, metric: str, pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- command line
@@ -323,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.rank_by and args.rank_by not in metrics:
         metrics.append(args.rank_by)
     if not metrics:
-        return fail(f"no finished run in {sweep_dir} logged a val/* metric: pass --metric, or finish runs first")
+        return fail(f"no finished run in {sweep_dir} logged a val/* or test/* metric: pass --metric, or finish runs first")
     plot_metric = args.plot_metric or args.rank_by or metrics[0]
     if args.plot and args.plot not in axes:
         return fail(f"--plot {args.plot!r} is not a grid axis of this sweep; axes: {axes}")

@@ -25,6 +25,8 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from tlframe.seeding import mix
+
 __all__ = ["prediction_entropy", "soft_neighborhood_density", "proxy_a_distance", "confusion_image", "RowSample",
            "SoftNeighborhoodDensity"]
 
@@ -164,8 +166,9 @@ class RowSample(Metric):
     def _keys(self, n: int, device: torch.device) -> torch.Tensor:
         if self._generator is None:
             rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
-        return torch.rand(n, generator=self._generator, dtype=torch.float64).to(device)
+            self._generator = torch.Generator().manual_seed(mix(self.seed, 4, rank))
+        # int64 keys (no float64: MPS has none), drawn on the CPU for every device alike
+        return torch.randint(0, 2**62, (n,), generator=self._generator, dtype=torch.int64).to(device)
 
     def _smallest(self, keys: torch.Tensor, rows: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         keep = keys.argsort()[: self.max_samples]

@@ -243,3 +243,13 @@ def test_in_memory_sets_keep_their_transformed_tensors_and_give_the_same_batches
     assert sum(item is not None for item in next(iter(memo.values())).items) > 0  # filled by the first epoch
     augmenting, _ = batches(train_augmentation="crop_flip")
     assert not any(k.endswith("train") or " train " in k for k in augmenting._preloaded)  # random crops: never kept
+
+
+def test_splits_too_large_for_memory_load_as_usual(monkeypatch):
+    from tlframe.data import datamodule
+
+    monkeypatch.setattr(datamodule, "PRELOAD_MAX_BYTES", 40 * 3 * 32 * 32 * 4 - 1)  # just under the source train split
+    dm = TransferDataModule(synth(n=50), synth("target", n=30), batch_size=8, iters_per_epoch=2, val_fraction=0.2)
+    dm.setup("fit")
+    dm.train_dataloader()
+    assert sorted(k.split(" Compose")[0] for k in dm._preloaded) == ["target train"]  # 30 images fit, 40 do not

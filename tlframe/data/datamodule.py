@@ -16,10 +16,12 @@ from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.feature_cache import FeatureCache
 from tlframe.data.samplers import EpochRandomSampler
-from tlframe.seeding import run_seed
+from tlframe.seeding import mix, run_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Largest split (float32 tensors at the input size) that ``preload_in_memory`` keeps: 2 GiB.
+PRELOAD_MAX_BYTES = 2 * 1024**3
 _TIMM_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 
 
@@ -94,8 +96,9 @@ class TransferDataModule(pl.LightningDataModule):
             second epoch on a batch is tensor look-ups with no per-image work (their loaders run
             in-process, ``num_workers`` is not used for them); the training splits only when
             ``train_augmentation`` is ``"none"`` (a random augmentation needs the images).
-            Costs ``4 * C * H * W`` bytes per image seen (MNIST train at 28 px: 188 MB). Folder
-            and list domains always decode from disk (with ``num_workers``).
+            Costs ``4 * C * H * W`` bytes per image seen (MNIST train at 28 px: 188 MB); a split
+            that would take more than ``PRELOAD_MAX_BYTES`` (2 GiB, e.g. SVHN at 224 px) loads as
+            usual. Folder and list domains always decode from disk (with ``num_workers``).
     """
 
     def __init__(
@@ -350,7 +353,7 @@ class TransferDataModule(pl.LightningDataModule):
             identity = f"{self.source if role == 'source' else self.target!r} {name}"
             data = self.feature_cache.dataset(data, identity, self.eval_batch_size, self.num_workers)  # type: ignore[arg-type]
             workers = 0
-        elif self.preload_in_memory and held_in_memory(ds) and not (name.endswith("train") and self.train_augmentation != "none"):
+        elif self._keeps_tensors(ds, name):
             key = f"{name} {transform!r}"
             if key not in self._preloaded:
                 self._preloaded[key] = MemoizedDataset(data)
@@ -366,6 +369,14 @@ class TransferDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
         )
+
+    def _keeps_tensors(self, ds: Dataset, name: str) -> bool:
+        """Whether the split ``name`` keeps its transformed tensors (see ``preload_in_memory``)."""
+        if not self.preload_in_memory or not held_in_memory(ds):
+            return False
+        if name.endswith("train") and self.train_augmentation != "none":
+            return False
+        return len(ds) * math.prod(self._resolved_config()["input_size"]) * 4 <= PRELOAD_MAX_BYTES  # type: ignore[arg-type]
 
     def num_train_batches(self) -> int:
         """Training batches per epoch (``iters_per_epoch`` or its default)."""
@@ -385,7 +396,7 @@ class TransferDataModule(pl.LightningDataModule):
         loaders = {}
         for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
                                             ("target", self.target_train, self.target_batch_size))):
-            sampler = EpochRandomSampler(len(ds), iters * bs, seed=seed + i, start_epoch=start_epoch,  # type: ignore[arg-type]
+            sampler = EpochRandomSampler(len(ds), iters * bs, seed=mix(seed, i), start_epoch=start_epoch,  # type: ignore[arg-type]
                                          skip=skip * bs, item_seeds=self.train_augmentation != "none")
             loaders[role] = self._loader(ds, transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")

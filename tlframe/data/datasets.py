@@ -123,8 +123,8 @@ class TransformedDataset(Dataset):
         if seed is None:
             return self.transform(img), label
         py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: restored afterwards
+            torch.default_generator.manual_seed(seed)
             random.seed(seed)
             img = self.transform(img)
         random.setstate(py_state)

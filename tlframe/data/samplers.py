@@ -8,12 +8,14 @@ from typing import Iterator, Union
 import torch
 from torch.utils.data import Sampler
 
+from tlframe.seeding import mix
+
 __all__ = ["EpochRandomSampler", "item_seed"]
 
 
 def item_seed(seed: int, epoch: int, position: int) -> int:
     """Seed of the ``position``-th sample of ``epoch``: a pure function, so augmentation is reproducible."""
-    return (seed * 1_000_003 + epoch * 1_000_033 + position) % 2**63
+    return mix(seed, 2, epoch, position)
 
 
 class EpochRandomSampler(Sampler):
@@ -56,7 +58,7 @@ class EpochRandomSampler(Sampler):
     def __iter__(self) -> Iterator[Union[int, tuple[int, int]]]:
         epoch, skip = self.epoch, self.skip
         self.epoch, self.skip = epoch + 1, 0
-        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        gen = torch.Generator().manual_seed(mix(self.seed, 3, epoch))
         reps = math.ceil(self.num_samples / self.size)
         order = torch.cat([torch.randperm(self.size, generator=gen) for _ in range(reps)])[: self.num_samples].tolist()
         if not self.item_seeds:

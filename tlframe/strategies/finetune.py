@@ -137,8 +137,8 @@ class FrozenFeatures(Strategy):
 
     trains_backbone = False
 
-    def __init__(self, cache_features: CacheMode = "none", head_lr_mult: float = 1.0,
-                 bn_policy: Literal["joint", "separate"] = "joint", label_smoothing: float = 0.0):
+    def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
+                 label_smoothing: float = 0.0, cache_features: CacheMode = "none"):
         super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing)
         if cache_features not in ("none", "memory", "disk"):
             raise ValueError(f"cache_features must be 'none', 'memory' or 'disk', got {cache_features!r}")
