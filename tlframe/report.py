@@ -66,8 +66,7 @@ def format_cell(values: Sequence[float], n_failed: int = 0, scale: float = 100.0
     """
     if not values:
         return f"failed ({n_failed} run{'s' if n_failed != 1 else ''})" if n_failed else "not run"
-    mean, std = mean_std([v * scale for v in values])
-    text = f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
+    text = format_stat([v * scale for v in values], decimals=decimals)
     return f"{text} (n={len(values)}{f'; {n_failed} failed' if n_failed else ''})"
 
 
