@@ -94,9 +94,13 @@ def test_train_metrics_are_logged_only_at_logging_steps_with_those_steps_values(
     pl.seed_everything(0)
     losses = {}
 
+    logged_at = []
+
     class Losses(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses[trainer.global_step - 1] = float(outputs["loss"])
+            if "train/loss" in trainer.callback_metrics and float(trainer.callback_metrics["train/loss"]) == losses[batch_idx]:
+                logged_at.append(batch_idx)  # self.log was called at this step
 
     logger = TensorBoardLogger(str(tmp_path), name="log")
     trainer = trainer_factory(max_steps=9, log_every_n_steps=3, logger=logger, callbacks=[Losses()])
@@ -106,3 +110,4 @@ def test_train_metrics_are_logged_only_at_logging_steps_with_those_steps_values(
     for tag in ("train/loss", "train/loss_adv", "train/grl_coeff", "train/source_acc"):
         assert [e.step for e in events.Scalars(tag)] == [2, 5, 8], tag
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([losses[2], losses[5], losses[8]], rel=1e-6)
+    assert logged_at == [2, 5, 8]  # nothing is computed or logged on the steps in between

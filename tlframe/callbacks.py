@@ -23,7 +23,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tlframe.atomic import atomic_path, atomic_write_text
-from tlframe.seeding import run_seed
+from tlframe.seeding import mix, run_seed
 from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
 __all__ = ["RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config"]
@@ -212,7 +212,7 @@ class TransferInsights(pl.Callback):
         self.last_cost_s = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._samples = {d: RowSample(("features", "labels"), self.max_samples, seed=self.seed + i)
+        self._samples = {d: RowSample(("features", "labels"), self.max_samples, seed=mix(self.seed, i))
                          for i, d in enumerate(("source", "target"))}
         num_classes = getattr(pl_module, "num_classes", None)
         self._confusion = MulticlassConfusionMatrix(num_classes) if self.confusion_matrix and num_classes else None
