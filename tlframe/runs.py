@@ -26,7 +26,7 @@ from typing import Any, Optional
 from tlframe.atomic import atomic_write_text
 
 __all__ = ["MetricError", "RunOutcome", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
-           "DONE", "FAILED", "log_tail"]
+           "DONE", "FAILED", "log_tail", "worker_thread_env"]
 
 DONE, FAILED = "done.json", "failed.json"
 
@@ -72,6 +72,24 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_thread_env(workers: int, cpus: Optional[int] = None,
+                      environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """Environment that splits the CPU cores between ``workers`` concurrent runs.
+
+    Each run's torch would otherwise start one intra-op thread per core, and ``workers`` runs
+    oversubscribe the machine. Returns ``{OMP_NUM_THREADS, MKL_NUM_THREADS: max(1, cpus // workers)}``
+    when ``workers > 1``; ``{}`` for one worker or when the user already set ``OMP_NUM_THREADS``.
+    """
+    environ = os.environ if environ is None else environ
+    if workers <= 1 or "OMP_NUM_THREADS" in environ:
+        return {}
+    threads = str(max(1, (cpus or os.cpu_count() or 1) // workers))
+    return {var: threads for var in THREAD_VARS}
 
 
 def utc_now() -> str:

@@ -51,7 +51,9 @@ from typing import Any, Optional
 
 import yaml
 
-from tlframe.runs import DONE, FAILED, RunOutcome, RunSpec, execute_run, log_tail, write_json_atomic
+from tlframe.runs import (
+    DONE, FAILED, RunOutcome, RunSpec, execute_run, log_tail, worker_thread_env, write_json_atomic,
+)
 
 __all__ = ["SweepError", "Sweep", "Run", "load_sweep", "run_sweep", "slurm_script", "main"]
 
@@ -364,6 +366,9 @@ def run_sweep(sweep: Sweep, workers: int = 1, gpus: Optional[list[str]] = None, 
     free: "queue.Queue[str]" = queue.Queue()
     for g in gpus or []:
         free.put(g)
+    threads = worker_thread_env(workers)
+    for run in runs:
+        run.env = {**threads, **run.env}
 
     def work(run: Run) -> RunOutcome:
         if (run.run_dir / DONE).is_file():

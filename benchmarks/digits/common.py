@@ -21,14 +21,15 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from tlframe.atomic import atomic_write_text
 from tlframe.report import ORACLE_NOTE, STD_NOTE, format_cell, markdown_table, mean_std  # noqa: F401 (re-exported)
 from tlframe.runs import (  # noqa: F401 (re-exported)
-    MetricError, RunSpec, default_summary, execute_run, log_tail, read_scalars, write_json_atomic,
+    MetricError, RunSpec, default_summary, execute_run, log_tail, read_scalars, worker_thread_env, write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,12 +154,21 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
     return RunResult(cell, outcome.status, outcome.record, outcome.error)
 
 
-def run_cells(cells: Sequence[Cell], log: Callable[[str], None] = print) -> list[RunResult]:
-    results = []
-    for i, cell in enumerate(cells, 1):
-        log(f"[{i}/{len(cells)}]")
-        results.append(run_cell(cell, log))
-    return results
+def run_cells(cells: Sequence[Cell], log: Callable[[str], None] = print, workers: int = 1) -> list[RunResult]:
+    """Run ``cells`` in order, ``workers`` at a time (the CPU cores split between them:
+    :func:`tlframe.runs.worker_thread_env`); the results in the order of ``cells``."""
+    threads = worker_thread_env(workers)
+    numbered = [(i, replace(c, env={**threads, **c.env})) for i, c in enumerate(cells, 1)]
+
+    def work(item: tuple[int, Cell]) -> RunResult:
+        i, cell = item
+        log(f"[{i}/{len(cells)}] {cell.label}")
+        return run_cell(cell, log)
+
+    if workers <= 1:
+        return [work(item) for item in numbered]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(work, numbered))
 
 
 # --------------------------------------------------------------------------- aggregation (pure)

@@ -54,6 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="CLI overrides appended to every run (repeatable), e.g. "
                         '--extra="--trainer.max_steps=3 --data.iters_per_epoch=3" for a smoke run')
     p.add_argument("--results", help=f"markdown file to write (default {DEFAULT_RESULTS.relative_to(REPO)})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at a time, the CPU cores split between them (default 1; 2 on a 2-core CPU is ~1.6x faster)")
     return p.parse_args(argv)
 
 
@@ -130,10 +132,13 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
     out, data_root, results_path, extra = resolve_io(args, DEFAULT_OUT, DEFAULT_RESULTS)
     cells = build_cells(args.tasks, args.methods, args.seeds, out, data_root, extra)
+    cells.sort(key=lambda c: (c.row, c.col) not in REFERENCE)  # cells with a published number first
     print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
-    results = run_cells(cells, log=lambda s: print(s, flush=True))
+    results = run_cells(cells, log=lambda s: print(s, flush=True), workers=args.workers)
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
     return write_results(results_path, text, results, "run_digits")

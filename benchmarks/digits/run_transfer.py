@@ -79,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-extra", action="append", default=[], metavar='"--key=value ..."',
                    help="CLI overrides appended to the pretraining run only, after --extra")
     p.add_argument("--results", help=f"markdown file to write (default {DEFAULT_RESULTS.relative_to(REPO)})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at a time, the CPU cores split between them (default 1; 2 on a 2-core CPU is ~1.6x faster)")
     return p.parse_args(argv)
 
 
@@ -191,6 +193,8 @@ def render(pretrain: RunResult, results: Sequence[RunResult], labels: Sequence[s
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.workers < 1:
+        raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
     out, data_root, results_path, extra = resolve_io(args, DEFAULT_OUT, DEFAULT_RESULTS)
     log = lambda s: print(s, flush=True)  # noqa: E731
     pre_cell = pretrain_cell(args.pretrain_seed, out, data_root, [*extra, *split_extra(args.pretrain_extra)])
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run_transfer: 1 pretraining + {len(cells)} transfer runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
     log("[pretrain]")
     pretrain = run_cell(pre_cell, log)
-    results = run_cells(cells, log)
+    results = run_cells(cells, log, workers=args.workers)
     text = render(pretrain, results, args.labels, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
     return write_results(results_path, text, [pretrain, *results], "run_transfer")
