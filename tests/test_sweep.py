@@ -13,6 +13,7 @@ import yaml
 
 from tlframe import sweep as sw
 from tlframe.cli import main as tlframe_main
+from tlframe.runs import worker_thread_env
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--data.source.init_args.num_train=100", "--data.target.init_args.num_train=100",
@@ -245,3 +246,10 @@ def test_pretrain_config_parses(capsys):
         tlframe_main(["fit", "-c", str(ROOT / "configs/ablations/pretrain_mnist_0to4.yaml"), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["data"]["source"]["init_args"]["class_subset"] == [0, 1, 2, 3, 4]
+
+
+def test_worker_thread_env_splits_the_cores_unless_the_user_chose():
+    assert worker_thread_env(1, cpus=8, environ={}) == {}
+    assert worker_thread_env(2, cpus=8, environ={}) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
+    assert worker_thread_env(4, cpus=2, environ={}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert worker_thread_env(2, cpus=8, environ={"OMP_NUM_THREADS": "3"}) == {}

@@ -119,7 +119,7 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "## Setup",
         "",
         "- configs: `configs/digits/<task>/<method>.yaml` (LeNet for MNIST ↔ USPS, Ganin & Lempitsky's CNN for "
-        "MNIST → MNIST-M; SGD, inverse-decay LR, 10 epochs x 500 iterations, batch 64), each run with "
+        "MNIST → MNIST-M; SGD with Nesterov momentum, inverse-decay LR from 0.01 (0.1 for USPS → MNIST, as in TLlib), 10 epochs x 500 iterations, batch 64 + 64), each run with "
         "`--seed_everything=<seed>`" + (f" and `{' '.join(extra)}`" if extra else ""),
         f"- runs, logs and `done.json` per run: `{display_path(out)}/runs/<task>/<method>/seed<seed>/version_0/`",
         *machine,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,18 @@ def test_killed_sweep_resumes_without_redoing_finished_runs_or_counting_the_half
     assert not (killed.run_dir / "events.out.tfevents.0.host").exists()  # the half-finished attempt was started clean
     values, n_failed = common.cell_values(results, "r", "c", "last")
     assert len(values) == 2 and n_failed == 0 and "quick/seed0: skipped (done.json found)" in "\n".join(lines)
+
+
+def test_two_workers_split_the_cores_and_keep_the_cell_order(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cells = [Cell(row="r", col="c", seed=s, out=tmp_path, name=f"bad/seed{s}",
+                  args=["-c", str(ROOT / "configs/quickstart.yaml"), "--model.bakbone=resnet18"]) for s in (0, 1, 2)]
+    results = common.run_cells(cells, log=lambda s: None, workers=2)
+    assert [r.cell.seed for r in results] == [0, 1, 2] and all(r.status == "failed" for r in results)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    for cell in cells:  # the command each run was started with (first line of its log) carries the thread split
+        assert (cell.run_dir / "output.log").read_text().startswith(f"MKL_NUM_THREADS={threads} OMP_NUM_THREADS={threads} ")
+    assert cells[0].env == {}  # the callers' cells are not modified
 
 
 # --------------------------------------------------------------------------- one shortened real cell each
