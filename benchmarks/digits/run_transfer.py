@@ -161,7 +161,9 @@ def render(pretrain: RunResult, results: Sequence[RunResult], labels: Sequence[s
         "",
         "## Wall time per run",
         "",
-        "Mean wall-clock seconds of one run (the `tlframe fit` subprocess, start-up included).",
+        "Mean wall-clock seconds of one run (the `tlframe fit` subprocess, start-up included). With `--workers N` "
+        "N runs share the CPU cores (each gets cores / N threads): each run takes longer than it would alone, the "
+        "whole table less.",
         "",
         grid_table(results, rows, cols, "wall_s", first="USPS labels", fmt=lambda v, _n: format_wall(v)),
         "",
