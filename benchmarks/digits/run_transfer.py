@@ -80,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="CLI overrides appended to the pretraining run only, after --extra")
     p.add_argument("--results", help=f"markdown file to write (default {DEFAULT_RESULTS.relative_to(REPO)})")
     p.add_argument("--workers", type=int, default=1,
-                   help="runs at a time, the CPU cores split between them (default 1; 2 on a 2-core CPU is ~1.6x faster)")
+                   help="runs at a time, the CPU cores split between them (default 1)")
     return p.parse_args(argv)
 
 

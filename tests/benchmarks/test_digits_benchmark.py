@@ -120,6 +120,14 @@ def test_digits_cells_commands(tmp_path):
     assert cells[3].command().startswith("TLFRAME_DATA_ROOT=/data ")
 
 
+def test_digits_runs_only_cells_with_a_reference_unless_all_cells(tmp_path):
+    args = ["--tasks", "mnist2mnistm", "--methods", "mmd", "--data-root", str(tmp_path), "--out", str(tmp_path),
+            "--results", str(tmp_path / "digits.md")]
+    with pytest.raises(SystemExit, match="has a published number: add --all-cells"):
+        run_digits.main(args)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "digits.md").exists()
+
+
 def test_transfer_cells_commands(tmp_path):
     pre = run_transfer.pretrain_cell(0, tmp_path, Path("/data"), ["--x=1"])
     weights = run_transfer.pretrained_weights(pre)
