@@ -142,8 +142,11 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "resized).",
         "- **Network.** LeNet (conv 20, conv 50 with 2-d dropout, as TLlib's) with a 500-unit bottleneck "
         "(Linear-BN-ReLU-Dropout 0.5) and a linear classifier; TLlib's LeNet has a 500-unit fully connected "
-        "layer and a 256-unit bottleneck. DANN's discriminator: 2 hidden layers of 500 (TLlib: 1024). Learning "
-        "rate: TLlib's (0.01, 0.1 for USPS → MNIST), same inverse decay, momentum, weight decay.",
+        "layer and a 256-unit bottleneck; so here dropout acts on the features that DANN's discriminator and the "
+        "MMD see, in TLlib before its bottleneck. DANN's discriminator: 2 hidden layers of 500 (TLlib: 1024). "
+        "Learning rate: TLlib's (0.01, 0.1 for USPS → MNIST), same inverse decay, momentum, weight decay. "
+        "MNIST → MNIST-M: Ganin & Lempitsky's feature extractor (conv 32, conv 48, no batch norm), a 100-unit "
+        "bottleneck without dropout.",
         "- **MNIST-M target**: the first 30,000 of its 59,001 training images (the shared data set); the test "
         "split is complete (9,001).",
         "- **Selection**: the last checkpoint, no target labels (the references do not all say how they selected).",
