@@ -124,15 +124,18 @@ def test_slurm_script(tmp_path, capsys):
 def test_gpu_pinning_one_gpu_per_running_run(tmp_path, monkeypatch):
     """Workers take a free GPU id for each run and give it back (a fake run records CUDA_VISIBLE_DEVICES)."""
     sweep = sw.load_sweep(write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), "seeds": [0, 1, 2, 3]}))
-    seen = []
+    seen, threads = [], []
 
     def fake_run_one(run):
         seen.append(run.env.get("CUDA_VISIBLE_DEVICES"))
+        threads.append(run.env.get("OMP_NUM_THREADS"))
         return sw.RunOutcome("done", {}, wall_s=0.0)
 
     monkeypatch.setattr(sw, "run_one", fake_run_one)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     outcomes = sw.run_sweep(sweep, workers=2, gpus=["3", "5"], stream=open(os.devnull, "w"))
     assert len(outcomes) == 4 and sorted(set(seen)) == ["3", "5"]
+    assert threads == [str(max(1, (os.cpu_count() or 1) // 2))] * 4  # the CPU cores split between the 2 workers
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,7")
     assert sw.visible_gpus() == ["2", "7"]
 
