@@ -1,4 +1,14 @@
-"""Callbacks that the CLI adds to every run."""
+"""Callbacks that the CLI adds to every run.
+
+The DDP rule (for every callback, the module, the CLI and the sweep hooks): **a collective runs on
+every rank or on none.** Under DDP these are collectives, and a rank-0-only branch that reaches one
+hangs the job forever (the other ranks never join): ``trainer.log_dir`` (it broadcasts the folder),
+``trainer.strategy.broadcast`` / ``barrier`` / ``reduce_boolean_decision``, ``self.log(...,
+sync_dist=True)``, a torchmetrics ``compute()`` (it gathers the states), ``torch.distributed.*``.
+So read them first, on every rank, then branch: ``log_dir = trainer.log_dir`` then ``if
+trainer.is_global_zero: write(log_dir)``. Never call them inside ``@rank_zero_only``.
+``tests/test_cli_ddp.py`` runs the CLI as users do (2 processes, torchrun, SLURM variables) to keep it so.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +22,14 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 from torchmetrics.classification import MulticlassConfusionMatrix
 
@@ -77,24 +88,27 @@ class RunInfo(pl.Callback):
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.is_global_zero and trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective under DDP: read on every rank (see the module docstring)
+        if trainer.is_global_zero and log_dir:
             info = {"stage": stage, **environment_info()}
-            atomic_write_text(Path(trainer.log_dir) / "run_info.json", json.dumps(info, indent=2) + "\n")
+            atomic_write_text(Path(log_dir) / "run_info.json", json.dumps(info, indent=2) + "\n")
 
 
 class RunSummary(pl.Callback):
-    """Print the final validation/test metrics and where the logs and checkpoints are (rank 0 only)."""
+    """Print the final validation/test metrics and where the logs and checkpoints are (rank 0 only),
+    at the end of ``fit``, ``validate`` and ``test``."""
 
-    @rank_zero_only
     def _report(self, trainer: pl.Trainer, prefix: str) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: read on every rank, print on rank 0
+        if not trainer.is_global_zero:
+            return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
         lines = [f"tlframe: {prefix.rstrip('/')} results"]
         lines += [f"  {k:<32s} {v:.4f}" for k, v in sorted(metrics.items())]
-        log_dir = trainer.log_dir
         if log_dir:
             lines.append(f"  logs:        {Path(log_dir).resolve()}  (tensorboard --logdir {Path(log_dir).parent.resolve()})")
         ckpt = trainer.checkpoint_callback
-        if isinstance(ckpt, ModelCheckpoint) and prefix == "val/":
+        if isinstance(ckpt, ModelCheckpoint) and trainer.state.fn == TrainerFn.FITTING:
             if ckpt.last_model_path:
                 lines.append(f"  last ckpt:   {ckpt.last_model_path}")
             if ckpt.best_model_path:
@@ -104,37 +118,80 @@ class RunSummary(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "val/")
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # ``tlframe validate`` (fit reports at its end)
+            self._report(trainer, "val/")
+
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._report(trainer, "test/")
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Write ``tlframe predict`` results to ``<run dir>/predictions.csv``: ``index,pred,confidence,prob_0..prob_{C-1}``.
+    """Write ``tlframe predict`` results to ``predictions.csv``, one row per image of the predict split, in its order.
 
-    ``index`` is the position in the predict split (the target test split). Written to a
+    Columns: ``index`` (position in the predict split), ``sample`` (the image file's path for
+    folder and list domains, ``<domain> <split> #<i>`` for in-memory data sets), ``label`` (the
+    true class name, empty when the split is unlabelled), ``pred`` (the predicted class name),
+    ``confidence`` (its probability), then ``prob_<class name>`` per class (softmax).
+
+    The predict split is ``data.predict_domain`` when set (any folder, list or data set), else
+    the target test split. The file goes to ``output_dir`` when given, else to the run directory
+    (for ``tlframe predict --ckpt_path``: ``<checkpoint's run>/predict/<checkpoint name>/``).
+    Under DDP every rank predicts its own shard (Lightning's unrepeated distributed sampler: no
+    padding), the rows are gathered to rank 0 and written once, in data set order. Written to a
     temporary file and renamed, so an interrupted run never leaves a truncated file.
-    Single-process only: under DDP every rank would hold a part (run predict on one device).
     """
 
     def __init__(self, output_dir: Optional[str] = None):
-        super().__init__(write_interval="epoch")
+        super().__init__(write_interval="batch_and_epoch")
         self.output_dir = output_dir
+        self._rows: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+
+    def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._rows = []
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        probs = prediction["probs"].detach().float().cpu()
+        labels = prediction.get("labels")
+        labels = torch.full((len(probs),), -1) if labels is None else labels.detach().cpu()
+        offset = sum(len(r[1]) for r in self._rows)
+        indices = list(batch_indices) if batch_indices else list(range(offset, offset + len(probs)))
+        self._rows.append((indices, probs, labels))
 
     def write_on_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, predictions: Any,
                            batch_indices: Any) -> None:
-        if not trainer.is_global_zero or not predictions:
+        out_dir = Path(self.output_dir or trainer.log_dir or ".")  # log_dir: a collective under DDP, every rank
+        parts = [self._rows]
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, self._rows)  # every rank takes part; rank 0 writes
+        self._rows = []
+        if not trainer.is_global_zero:
             return
-        batches = predictions[0] if isinstance(predictions[0], list) else predictions
-        probs = torch.cat([b["probs"] for b in batches]).float()
-        out_dir = Path(self.output_dir or trainer.log_dir or ".")
+        rows = [r for part in parts for r in (part or [])]
+        if not rows:
+            return
+        index = torch.tensor([i for r in rows for i in r[0]], dtype=torch.long)
+        order = torch.argsort(index)
+        index = index[order]
+        probs, labels = torch.cat([r[1] for r in rows])[order], torch.cat([r[2] for r in rows])[order]
+        dm = getattr(trainer, "datamodule", None)
+        classes = list(getattr(dm, "classes", None) or [str(c) for c in range(probs.shape[1])])
+        if len(classes) != probs.shape[1]:
+            classes = [str(c) for c in range(probs.shape[1])]
+        samples = dm.predict_samples() if hasattr(dm, "predict_samples") else None
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "predictions.csv"
+        conf, pred = probs.max(dim=1)
         with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "pred", "confidence", *[f"prob_{c}" for c in range(probs.shape[1])]])
-            conf, pred = probs.max(dim=1)
-            for i, (p, c, row) in enumerate(zip(pred.tolist(), conf.tolist(), probs.tolist())):
-                writer.writerow([i, p, f"{c:.6f}", *[f"{v:.6f}" for v in row]])
+            writer.writerow(["index", "sample", "label", "pred", "confidence", *[f"prob_{c}" for c in classes]])
+            for i, y, p, c, row in zip(index.tolist(), labels.tolist(), pred.tolist(), conf.tolist(), probs.tolist()):
+                sample = samples[i] if samples is not None and i < len(samples) else str(i)
+                writer.writerow([i, sample, classes[y] if y >= 0 else "", classes[p], f"{c:.6f}",
+                                 *[f"{v:.6f}" for v in row]])
         print(f"tlframe: wrote {len(probs)} predictions to {path}", flush=True)
 
 

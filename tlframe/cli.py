@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -54,6 +56,53 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(TransferInsights, "insights")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.subcommand in EVAL_SUBCOMMANDS:
+            self._log_beside_checkpoint()
+
+    def _log_beside_checkpoint(self) -> None:
+        """``validate``/``test``/``predict --ckpt_path`` write into the checkpoint's run, not a new run.
+
+        The TensorBoard logger is pointed at ``<run>/<subcommand>/<checkpoint name>/`` (``<run>``:
+        the folder holding ``checkpoints/``), so ``config.yaml``, ``run_info.json``, the test scalars
+        and ``predictions.csv`` land beside the model they evaluate, and no ``version_N`` with only
+        a placeholder metric appears among the training runs.
+        """
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        trainer = self.trainer
+        if not ckpt or ckpt in ("best", "last", "hpc", "registry") or not Path(ckpt).is_file():
+            return
+        path = Path(ckpt)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        loggers = [TensorBoardLogger(save_dir=str(run_dir), name=self.subcommand, version=path.stem,
+                                     default_hp_metric=False) if isinstance(lg, TensorBoardLogger) else lg
+                   for lg in trainer.loggers]
+        trainer.loggers = loggers
+
+
+#: Subcommands that evaluate a trained model (their logs go beside its checkpoint).
+EVAL_SUBCOMMANDS = ("validate", "test", "predict")
+
+#: Lightning messages that are not the user's business: an advertisement, and deprecations inside Lightning.
+QUIET_MESSAGES = (r"💡 Tip", r".*isinstance\(treespec, LeafSpec\)", r"The dirpath has changed from",
+                  r"You're resuming from a checkpoint that ended before the epoch")
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.match(p, str(record.getMessage())) for p in QUIET_MESSAGES)
+
+
+def quiet_lightning() -> None:
+    """Silence :data:`QUIET_MESSAGES` (as warnings and as Lightning's rank-zero log records)."""
+    for pattern in QUIET_MESSAGES:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages())
+
 
 #: Exceptions that end ``tlframe`` with their message alone (no traceback) and an exit code.
 BAD_INPUT_ERRORS = (DataError, BackboneError, CheckpointMismatchError, MisconfigurationException, FileNotFoundError)
@@ -88,8 +137,9 @@ def main(args: Optional[list[str]] = None) -> None:
         raise SystemExit(command(argv[1:]))
     try:
         with warnings.catch_warnings():
-            # Resuming mid-epoch is exact with tlframe's loaders (they skip the batches already trained).
-            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            # Resuming mid-epoch is exact with tlframe's loaders (they skip the batches already trained);
+            # an evaluated checkpoint's dirpath differs from the evaluation's on purpose.
+            quiet_lightning()
             TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
                        save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
     except BAD_INPUT_ERRORS as err:

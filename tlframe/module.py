@@ -289,9 +289,12 @@ class TransferModule(pl.LightningModule):
         return self._eval_step("test", batch, dataloader_idx)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """``{"probs": (N, C) softmax, "pred": (N,), "labels": (N,) true labels, -1 when unlabelled}``."""
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (batch, None)
+        x = x[0] if isinstance(x, (tuple, list)) else x
         probs = self(x).softmax(dim=1)
-        return {"probs": probs, "pred": probs.argmax(dim=1)}
+        labels = y if isinstance(y, torch.Tensor) else torch.full((len(probs),), -1, device=probs.device)
+        return {"probs": probs, "pred": probs.argmax(dim=1), "labels": labels}
 
     # -- checkpoints -------------------------------------------------------------------
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):

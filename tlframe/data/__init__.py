@@ -7,7 +7,7 @@ the backbone's transforms and serves Lightning dataloaders.
 
 from tlframe.data.datamodule import TransferDataModule
 from tlframe.data.digits import MNISTDomain, MNISTMDomain, SVHNDomain, USPSDomain
-from tlframe.data.domains import Domain, ImageFolderDomain, ImageListDomain
+from tlframe.data.domains import Domain, ImageFilesDomain, ImageFolderDomain, ImageListDomain
 from tlframe.data.errors import DataError
 from tlframe.data.paths import resolve_data_root
 from tlframe.data.synthetic import SyntheticDomain
@@ -15,6 +15,7 @@ from tlframe.data.synthetic import SyntheticDomain
 __all__ = [
     "DataError",
     "Domain",
+    "ImageFilesDomain",
     "ImageFolderDomain",
     "ImageListDomain",
     "MNISTDomain",

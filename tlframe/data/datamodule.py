@@ -8,10 +8,11 @@ from typing import Any, Literal, Optional
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tlframe.data.datasets import MemoizedDataset, TransformedDataset, held_in_memory
+from tlframe.data.datasets import MemoizedDataset, TransformedDataset, held_in_memory, sample_names
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.feature_cache import FeatureCache
@@ -43,7 +44,10 @@ class TransferDataModule(pl.LightningDataModule):
     folder domains without a separate test folder these are the same images: transductive
     DA).
 
-    Evaluation loaders (lists; names in :attr:`val_domains` / :attr:`test_domains`):
+    Evaluation loaders (lists; names in :attr:`val_domains` / :attr:`test_domains`). With
+    ``target_val_samples`` the target loader of *validation* serves a fixed class-stratified
+    subsample of the target test split (uniform when the target is unlabelled); ``test`` always
+    uses the whole split.
 
     - ``val_dataloader()``: ``[source val, target test]``, names ``["source", "target"]``;
       the source part is left out when ``val_fraction == 0``. The target loader is always
@@ -52,7 +56,9 @@ class TransferDataModule(pl.LightningDataModule):
     - ``test_dataloader()``: ``[target test, source test]``, names ``["target", "source"]``.
       The target loader is returned even when the target is unlabelled; its labels are then
       -1 and the module must skip accuracy for it.
-    - ``predict_dataloader()``: the target test split.
+    - ``predict_dataloader()``: the ``predict_split`` of ``predict_domain`` when it is set (any
+      folder, image list or data set; :meth:`predict_samples` names each image), else the target
+      test split.
 
     Transforms come from a timm data config given by the LightningModule through
     :meth:`set_data_config` (after ``setup()``, before the dataloaders are built). Every
@@ -99,6 +105,15 @@ class TransferDataModule(pl.LightningDataModule):
             Costs ``4 * C * H * W`` bytes per image seen (MNIST train at 28 px: 188 MB); a split
             that would take more than ``PRELOAD_MAX_BYTES`` (2 GiB, e.g. SVHN at 224 px) loads as
             usual. Folder and list domains always decode from disk (with ``num_workers``).
+        target_val_samples: validate on at most this many target test images per validation (a
+            class-stratified sample drawn once with ``split_seed``: each class keeps its share,
+            at least one image; uniform when the target is unlabelled). Makes per-epoch
+            validation of a large target cheap; ``tlframe test`` still uses every image.
+            ``None`` (default): the whole split.
+        predict_domain: the domain ``tlframe predict`` runs on (e.g. an
+            :class:`~tlframe.data.ImageFilesDomain` of any folder, or an image list); its classes
+            must be the training classes when it is labelled. ``None``: the target test split.
+        predict_split: which split of ``predict_domain`` to predict (``"test"`` or ``"train"``).
     """
 
     def __init__(
@@ -119,11 +134,15 @@ class TransferDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         source_samples_per_class: Optional[int] = None,
         preload_in_memory: bool = True,
+        target_val_samples: Optional[int] = None,
+        predict_domain: Optional[Domain] = None,
+        predict_split: Literal["train", "test"] = "test",
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size),
                            ("iters_per_epoch", iters_per_epoch), ("eval_batch_size", eval_batch_size),
-                           ("image_size", image_size), ("source_samples_per_class", source_samples_per_class)):
+                           ("image_size", image_size), ("source_samples_per_class", source_samples_per_class),
+                           ("target_val_samples", target_val_samples)):
             if value is not None and int(value) < 1:
                 raise DataError(f"{key}={value} must be a positive integer: pass a value >= 1.")
         if not 0.0 <= val_fraction < 1.0:
@@ -134,8 +153,13 @@ class TransferDataModule(pl.LightningDataModule):
             raise DataError(
                 f"train_augmentation={train_augmentation!r} is unknown: use 'none', 'crop_flip' or 'timm'."
             )
+        if predict_split not in ("train", "test"):
+            raise DataError(f"predict_split={predict_split!r} is unknown: use 'test' or 'train'.")
         self.source = source
         self.target = target
+        self.target_val_samples = None if target_val_samples is None else int(target_val_samples)
+        self.predict_domain = predict_domain
+        self.predict_split = predict_split
         self.batch_size = int(batch_size)
         self.target_batch_size = int(target_batch_size or batch_size)
         self.iters_per_epoch = iters_per_epoch
@@ -159,6 +183,8 @@ class TransferDataModule(pl.LightningDataModule):
         self.source_test: Optional[Dataset] = None
         self.target_train: Optional[Dataset] = None
         self.target_test: Optional[Dataset] = None
+        self.target_val: Optional[Dataset] = None
+        self.predict_data: Optional[Dataset] = None
 
     # ----------------------------------------------------------------- description
     @property
@@ -185,6 +211,8 @@ class TransferDataModule(pl.LightningDataModule):
         """Download / extract the domains' files (once per node)."""
         self.source.prepare()
         self.target.prepare()
+        if self.predict_domain is not None:
+            self.predict_domain.prepare()
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the raw datasets and check them (idempotent)."""
@@ -239,6 +267,53 @@ class TransferDataModule(pl.LightningDataModule):
         self.source_train, self.source_val = source_train, source_val
         self.source_test = self.source.dataset("test")
         self.target_train, self.target_test = target_train, self.target.dataset("test")
+        self.target_val = self._target_val_subset(self.target_test)
+        self.predict_data = self._predict_data()
+
+    def _target_val_subset(self, test: Dataset) -> Dataset:
+        """The target split validated each epoch: ``test`` or its ``target_val_samples`` stratified sample."""
+        k = self.target_val_samples
+        n = len(test)  # type: ignore[arg-type]
+        if k is None or k >= n:
+            return test
+        generator = torch.Generator().manual_seed(mix(self.split_seed, 1))
+        if not self.target.has_labels:
+            chosen = torch.randperm(n, generator=generator)[:k].tolist()
+        else:
+            labels = _labels_of(test)
+            counts = np.bincount(labels, minlength=self.num_classes)
+            share = np.maximum(1, np.floor(counts * k / n)).astype(int) * (counts > 0)
+            chosen = []
+            for c in np.flatnonzero(counts):
+                idx = torch.from_numpy(np.flatnonzero(labels == c))
+                chosen.extend(idx[torch.randperm(len(idx), generator=generator)[:share[c]]].tolist())
+        rank_zero_info(f"tlframe: validating on {len(chosen)} of {n} target {self.target.name} test images "
+                       f"(data.target_val_samples={k}, {'class-stratified' if self.target.has_labels else 'uniform'}); "
+                       "tlframe test uses all of them")
+        return Subset(test, sorted(chosen))
+
+    def _predict_data(self) -> Dataset:
+        """The raw split that ``tlframe predict`` runs on (``predict_domain`` or the target test split)."""
+        domain = self.predict_domain
+        if domain is None:
+            return self.target_test  # type: ignore[return-value]
+        if domain.has_labels and domain.classes != self.classes:
+            raise DataError(
+                f"predict domain {domain.name} has classes {domain.classes} but the model was trained on "
+                f"{self.classes}: give it the same class folders (names and order), or labelled: false "
+                "(or an ImageFilesDomain) to predict on images without labels.")
+        data = domain.dataset(self.predict_split)
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise DataError(f"the predict domain {domain.name} {self.predict_split} split is empty: give it some images.")
+        return data
+
+    def predict_samples(self) -> list[str]:
+        """Per image of the predict split, in order: its file path (folder and list domains) or
+        ``"<domain> <split> #<i>"`` (in-memory data sets, ``i`` the index in that split)."""
+        self._ensure_setup()
+        domain = self.predict_domain or self.target
+        split = self.predict_split if self.predict_domain is not None else "test"
+        return sample_names(self.predict_data, f"{domain.name} {split}")  # type: ignore[arg-type]
 
     def _per_class_subset(self, full: Dataset) -> list[int]:
         """Sorted indices of ``source_samples_per_class`` images per class of ``full`` (seeded by ``split_seed``)."""
@@ -350,7 +425,8 @@ class TransferDataModule(pl.LightningDataModule):
         workers = self.num_workers
         if self.feature_cache is not None:
             role = name.split()[0]
-            identity = f"{self.source if role == 'source' else self.target!r} {name}"
+            domain = {"source": self.source, "target": self.target, "predict": self.predict_domain}[role]
+            identity = f"{domain!r} {name}"
             data = self.feature_cache.dataset(data, identity, self.eval_batch_size, self.num_workers)  # type: ignore[arg-type]
             workers = 0
         elif self._keeps_tensors(ds, name):
@@ -419,7 +495,8 @@ class TransferDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         self._ensure_setup()
         transform = self.eval_transform()
-        split = {"source": ("val", self.source_val), "target": ("test", self.target_test)}
+        target_split = "test" if self.target_val is self.target_test else "val"  # loader names key the caches
+        split = {"source": ("val", self.source_val), "target": (target_split, self.target_val)}
         return [self._loader(split[n][1], transform, self.eval_batch_size, f"{n} {split[n][0]}")  # type: ignore[arg-type]
                 for n in self.val_domains]
 
@@ -432,7 +509,8 @@ class TransferDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         self._ensure_setup()
-        return self._loader(self.target_test, self.eval_transform(), self.eval_batch_size, "target test")  # type: ignore[arg-type]
+        name = "target test" if self.predict_domain is None else f"predict {self.predict_split}"
+        return self._loader(self.predict_data, self.eval_transform(), self.eval_batch_size, name)  # type: ignore[arg-type]
 
 
 def _labels_of(ds: Dataset) -> np.ndarray:

@@ -131,6 +131,18 @@ class TransformedDataset(Dataset):
         return img, label
 
 
+def sample_names(ds: Dataset, name: str) -> list[str]:
+    """Per item of ``ds``: the image file's path (a :class:`FileImageDataset`, through ``Subset``
+    wrappers) or ``"<name> #<i>"`` with ``i`` the item's index in the split (in-memory data sets)."""
+    indices = list(range(len(ds)))  # type: ignore[arg-type]
+    while isinstance(ds, Subset):
+        indices = [int(ds.indices[i]) for i in indices]
+        ds = ds.dataset
+    if isinstance(ds, FileImageDataset):
+        return [ds.samples[i][0] for i in indices]
+    return [f"{name} #{i}" for i in indices]
+
+
 def held_in_memory(ds: Dataset) -> bool:
     """Whether ``ds`` (or the dataset under its ``Subset`` wrappers) is an :class:`ArrayImageDataset`."""
     while isinstance(ds, Subset):

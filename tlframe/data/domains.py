@@ -317,3 +317,42 @@ class ImageListDomain(Domain):
     def _build(self, split: Split) -> Dataset:
         _ = self.all_classes  # validates the labels against the class names
         return FileImageDataset(self._read(split), labelled=self.labelled)
+
+
+class ImageFilesDomain(Domain):
+    """Every image under a folder (searched recursively, in sorted path order), without labels:
+    what ``tlframe predict`` runs on for a folder of new images (``data.predict_domain``).
+
+    Both splits are the same images; every label is -1 and the domain has no classes of its own
+    (predictions use the training classes). Accepted extensions: :data:`IMAGE_EXTENSIONS`.
+
+    Args:
+        root: the folder. A relative path that does not exist is also looked up under the data root.
+    """
+
+    def __init__(self, root: str) -> None:
+        super().__init__(labelled=False)
+        self.root = find_path(root, "image folder")
+        self._samples: Optional[list[tuple[str, int]]] = None
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def all_classes(self) -> list[str]:
+        return []
+
+    def _build(self, split: Split) -> Dataset:
+        if self._samples is None:
+            if not self.root.is_dir():
+                raise DataError(f"image folder {self.root} does not exist or is not a folder: pass a folder of images.")
+            found = []
+            for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+            if not found:
+                raise DataError(f"folder {self.root} holds no images (accepted extensions: "
+                                f"{', '.join(IMAGE_EXTENSIONS)}): point root at a folder of images.")
+            self._samples = [(p, -1) for p in found]
+        return FileImageDataset(self._samples, labelled=False)
