@@ -37,7 +37,7 @@ from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.seeding import mix, run_seed
 from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
-__all__ = ["RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config"]
+__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config"]
 
 _PACKAGES = ("tlframe", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "pillow",
              "jsonargparse", "tensorboard")
@@ -92,6 +92,45 @@ class RunInfo(pl.Callback):
         if trainer.is_global_zero and log_dir:
             info = {"stage": stage, **environment_info()}
             atomic_write_text(Path(log_dir) / "run_info.json", json.dumps(info, indent=2) + "\n")
+
+
+class TransferCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state.
+
+    With ``save_last``, ``last.ckpt`` is rewritten at every checkpoint event (the end of each
+    validation, or of each training epoch when checkpoints are taken there) and at the end of
+    training, whatever the monitored metric did. Lightning's own callback (up to 2.6 at least)
+    rewrites it only in a step where a top-k checkpoint was saved, so with a monitor whose best was
+    early, ``last.ckpt`` silently kept that older model. Everything else (``monitor``, ``mode``,
+    ``save_top_k``, ``filename``, ``every_n_*``) is Lightning's.
+    """
+
+    _last_saved_step: Optional[int] = None
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_step = trainer.global_step
+
+    def _refresh_last(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` unless it already holds this step (same decision on every rank: DDP-safe)."""
+        if (self.save_last and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+                and not trainer.fast_dev_run and self._last_saved_step != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._refresh_last(trainer)
 
 
 class RunSummary(pl.Callback):

@@ -11,13 +11,13 @@ from typing import Optional
 
 import torch
 from jsonargparse import lazy_instance
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
-from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferInsights
+from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferInsights
 from tlframe.data import DataError, TransferDataModule
 from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
@@ -29,8 +29,8 @@ class TLFrameCLI(LightningCLI):
 
     - ``model.num_classes`` is linked from ``data.num_classes``;
     - TensorBoard logger under ``runs/<name>/version_N`` (the resolved config is saved there);
-    - checkpoints: ``last.ckpt`` and the best by source validation accuracy (``checkpoint.*``),
-      never by target labels;
+    - checkpoints: ``last.ckpt`` (always the latest state, :class:`~tlframe.callbacks.TransferCheckpoint`)
+      and the best by source validation accuracy (``checkpoint.*``), never by target labels;
     - per-parameter-group learning rates logged (``lr_monitor.*``);
     - ``tlframe predict`` writes ``predictions.csv`` into the run directory (``predictions.*``);
     - ``run_info.json`` (versions, git commits, command, seed, machine) next to ``config.yaml``;
@@ -40,7 +40,7 @@ class TLFrameCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(TransferCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/source_acc",
             "checkpoint.mode": "max",
