@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import glob
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 import yaml
 
 from tlframe.cli import main
+from tlframe.data.synthetic import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -42,27 +44,88 @@ def test_quickstart_fit_writes_logs_checkpoints_and_prints_results(tmp_path, cap
 
 def test_test_validate_predict_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys):
     main(["fit", *small_quickstart(tmp_path)])
-    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
     capsys.readouterr()
     main(["test", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
-    assert "test/target_acc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "test/target_acc" in out and "tlframe: test results" in out
     main(["validate", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
+    assert "tlframe: val results" in capsys.readouterr().out
+    # evaluations log beside the checkpoint's run, not as new runs with only hp_metric
+    assert sorted(p.name for p in (tmp_path / "runs" / "quickstart").iterdir()) == ["version_0"]
+    test_events = list((run / "test" / "last").glob("events.out.tfevents.*"))
+    assert len(test_events) == 1 and (run / "test" / "last" / "config.yaml").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(run / "test" / "last")).Reload().Tags()["scalars"]
+    assert "test/target_acc" in tags and "hp_metric" not in tags
     # transfer: a new run starting from the first run's backbone, with a frozen backbone
     main(["fit", *small_quickstart(tmp_path, f"--model.weights={last}", "--model.strategy=tlframe.strategies.FrozenFeatures",
                                    "--trainer.max_epochs=1")])
-    second = tmp_path / "runs" / "quickstart" / "version_3" / "checkpoints" / "last.ckpt"
+    second = tmp_path / "runs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt"
     a = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     b = torch.load(second, map_location="cpu", weights_only=False)["state_dict"]
     backbone = [k for k in a if k.startswith("backbone.")]
     assert backbone and all(torch.equal(a[k], b[k]) for k in backbone)
     assert not torch.equal(a["head.classifier.weight"], b["head.classifier.weight"])
-    # predict writes one row per target test image with a probability per class
-    main(["predict", *small_quickstart(tmp_path), f"--ckpt_path={last}"])
-    rows = (tmp_path / "runs" / "quickstart" / "version_4" / "predictions.csv").read_text().splitlines()
-    assert rows[0].split(",")[:3] == ["index", "pred", "confidence"] and len(rows[0].split(",")) == 13
-    assert len(rows) == 1 + 64
-    probs = [float(v) for v in rows[1].split(",")[3:]]
-    assert sum(probs) == pytest.approx(1.0, abs=1e-4) and int(rows[1].split(",")[1]) == probs.index(max(probs))
+
+
+def test_predict_writes_one_named_row_per_image_with_class_names_and_labels(tmp_path, capsys):
+    main(["fit", *small_quickstart(tmp_path, "--trainer.max_epochs=1")])
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    main(["predict", *small_quickstart(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    path = run / "predict" / "last" / "predictions.csv"
+    assert "tlframe: wrote 64 predictions to" in capsys.readouterr().out
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == 64 and [int(r["index"]) for r in rows] == list(range(64))
+    header = list(rows[0])
+    assert header[:5] == ["index", "sample", "label", "pred", "confidence"]
+    assert header[5:] == [f"prob_{name}" for name in SHAPES]  # one column per class name
+    assert rows[3]["sample"] == "synthetic-target test #3"  # in-memory set: split and index
+    assert {r["label"] for r in rows} <= set(SHAPES) and len({r["label"] for r in rows}) > 1  # labelled target
+    for r in rows:
+        probs = [float(r[f"prob_{name}"]) for name in SHAPES]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert r["pred"] == SHAPES[probs.index(max(probs))] and float(r["confidence"]) == pytest.approx(max(probs), abs=1e-6)
+
+
+def test_predict_on_any_folder_of_images_names_the_files(tmp_path, image_writer):
+    main(["fit", *small_quickstart(tmp_path, "--trainer.max_epochs=1")])
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    files = [image_writer(tmp_path / "new" / name, size=(40, 30), seed=i)
+             for i, name in enumerate(["b.png", "a.jpg", "sub/c.png"])]
+    (tmp_path / "new" / "notes.txt").write_text("not an image")
+    out = tmp_path / "preds"
+    main(["predict", *small_quickstart(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+          "--data.predict_domain=tlframe.data.ImageFilesDomain", f"--data.predict_domain.root={tmp_path / 'new'}",
+          f"--predictions.output_dir={out}"])
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert [r["sample"] for r in rows] == sorted(str(f) for f in files)  # every image, by path, none else
+    assert all(r["label"] == "" and r["pred"] in SHAPES for r in rows)
+    # a labelled folder whose classes differ from the training classes is refused, naming both
+    (tmp_path / "wrong" / "cat").mkdir(parents=True)
+    image_writer(tmp_path / "wrong" / "cat" / "0.png")
+    with pytest.raises(SystemExit) as err:
+        main(["predict", *small_quickstart(tmp_path), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+              "--data.predict_domain=tlframe.data.ImageFolderDomain", f"--data.predict_domain.root={tmp_path / 'wrong'}"])
+    assert err.value.code == 2
+
+
+def test_last_ckpt_is_the_final_state_when_the_last_epoch_is_not_the_best(tmp_path, capsys):
+    # monitor "epoch" with mode min: epoch 0 is the best and no later epoch saves a top-k checkpoint
+    main(["fit", *small_quickstart(tmp_path, "--trainer.max_epochs=3", "--checkpoint.monitor=epoch",
+                                   "--checkpoint.mode=min")])
+    ckpts = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints"
+    best = torch.load(next(ckpts.glob("best-*.ckpt")), map_location="cpu", weights_only=False)
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["global_step"] == 4 and last["global_step"] == 12 and last["epoch"] == 2
+    assert not torch.equal(best["state_dict"]["head.classifier.weight"], last["state_dict"]["head.classifier.weight"])
+    # resuming from it continues after the final step (and the callback state resumes under its old key)
+    assert any(k.startswith("ModelCheckpoint{") for k in last["callbacks"])
+    main(["fit", *small_quickstart(tmp_path, "--trainer.max_epochs=4", "--checkpoint.monitor=epoch",
+                                   "--checkpoint.mode=min"), f"--ckpt_path={ckpts / 'last.ckpt'}"])
+    resumed = tmp_path / "runs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, map_location="cpu", weights_only=False)["global_step"] == 16
 
 
 def test_print_config_shows_every_strategy_knob(capsys):

@@ -129,7 +129,7 @@ def test_bad_arguments_models_and_checkpoints(earlier_run, make_folder, tmp_path
     assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before
 
 
-def test_misspelled_config_key_names_the_key(earlier_run, capsys):
+def test_misspelled_config_key_names_the_key(earlier_run, capsys):  # the one-line form: test_config_and_option_typos...
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", *synthetic_args(earlier_run, "--model.bakbone=resnet18")])
     assert exit_info.value.code != 0
@@ -153,3 +153,53 @@ def test_non_finite_loss_stops_naming_the_term_and_keeps_the_last_good_checkpoin
     assert ckpt["global_step"] == 4  # saved after the 4th update; the next loss (at step 4) was the first NaN ...
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())  # ... so it is finite
     assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before
+
+
+def test_config_and_option_typos_give_one_line_with_where_and_the_closest_names(earlier_run, tmp_path, capsys):
+    """Typos in keys, nested class_path arguments, class names, values and YAML: one line, exit 2, no usage text."""
+    nested_yaml = tmp_path / "dann.yaml"
+    nested_yaml.write_text("model:\n  strategy:\n    class_path: tlframe.strategies.DANN\n    init_args:\n"
+                           "      trade_of: 0.3\n")
+    top_yaml = tmp_path / "top.yaml"
+    top_yaml.write_text("data:\n  batch_sise: 8\n")
+    broken_yaml = tmp_path / "broken.yaml"
+    broken_yaml.write_text("model:\n  lr: [0.1\n  backbone: dtn\n")
+    cases = [
+        (["--model.strategy.trade_of=0.3"], ["FineTune (model.strategy) has no argument 'trade_of' (on the command line)",
+                                             "trade_off is an argument of DANN, MMD"]),
+        (["--model.strategy=tlframe.strategies.DANN", "--model.strategy.trade_of=0.3"], ["did you mean trade_off?"]),
+        (["-c", str(nested_yaml)], [f"has no argument 'trade_of' (in {nested_yaml}, line 5)", "did you mean trade_off?"]),
+        (["--data.batch_sise=8"], ["unknown option --data.batch_sise (on the command line)", "did you mean --data.batch_size"]),
+        (["-c", str(top_yaml)], [f"unknown key 'data.batch_sise' (in {top_yaml}, line 2)", "did you mean data.batch_size"]),
+        (["--trainer.max_epoch=3"], ["unknown option --trainer.max_epoch", "--trainer.max_epochs"]),  # no silent abbreviation
+        (["--data.source.init_args.num_trian=3"], ["SyntheticDomain (data.source) has no argument 'num_trian'",
+                                                   "did you mean num_train?"]),
+        (["--model.strategy=tlframe.strategies.DAN"], ["no class 'DAN' in tlframe.strategies",
+                                                       "did you mean tlframe.strategies.DANN?"]),
+        (["--model.lr=abc"], ["model.lr must be a float, got 'abc'"]),
+        (["-c", str(broken_yaml)], [f"YAML syntax error in {broken_yaml}, line 3"]),
+        (["-c", str(tmp_path / "absent.yaml")], ["absent.yaml does not exist", "check the path given to -c"]),
+    ]
+    for extra, expected in cases:
+        err = run_bad(capsys, ["fit", *synthetic_args(earlier_run, *extra)])
+        assert len(err.strip().splitlines()) == 1 and "usage:" not in err, (extra, err)
+        line = tlframe_error(err)
+        assert all(text in line for text in expected), (extra, line)
+
+
+def test_a_run_rejected_for_bad_input_leaves_no_run_folder(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_bad(capsys, ["fit", *synthetic_args(runs, "--data.batch_size=500")])  # rejected in the data module's setup
+    assert not list(runs.rglob("version_*")), list(runs.rglob("*"))
+    main(["fit", *synthetic_args(runs)])  # a good run then gets version_0 ...
+    run_bad(capsys, ["fit", *synthetic_args(runs, "--data.batch_size=500")])
+    assert sorted(p.name for p in (runs / "quickstart").iterdir()) == ["version_0"]  # ... and keeps it
+    assert (runs / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_commands_print_no_advertising_or_lightning_deprecation(tmp_path, capfd):
+    main(["fit", *synthetic_args(tmp_path / "runs")])
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "tlframe: val results" in text
+    assert "Tip:" not in text and "litlogger" not in text and "LeafSpec" not in text and "dirpath has changed" not in text

@@ -85,14 +85,20 @@ def test_proxy_a_distance_separable_and_identical_domains():
         assert float(proxy_a_distance(source, far)) == pytest.approx(2.0)
 
 
-def test_confusion_image_by_hand():
+def test_confusion_image_is_a_labelled_row_normalised_heatmap_that_fits_a_card():
     confmat = torch.tensor([[2, 0], [1, 3]])
-    img = confusion_image(confmat, cell=2)
-    assert img.shape == (3, 4, 4) and 0 <= float(img.min()) and float(img.max()) <= 1
-    # row-normalised: cell (0, 0) is 1 (darkest blue), (0, 1) is 0 (white), (1, 1) is 0.75 of the way
-    assert img[:, 0, 0].tolist() == pytest.approx([0.03, 0.19, 0.42])
-    assert img[:, 0, 2].tolist() == pytest.approx([1.0, 1.0, 1.0])
-    assert img[:, 2, 2].tolist() == pytest.approx([1 + 0.75 * (v - 1) for v in (0.03, 0.19, 0.42)])
-    big = confusion_image(torch.eye(10, dtype=torch.long) * 5)
-    assert big.shape == (3, 510, 510)  # 51-pixel cells with a grey grid
-    assert big[:, 0, 0].tolist() == pytest.approx([0.6] * 3)
+    img = confusion_image(confmat, ["cat", "dog"])
+    assert img.ndim == 3 and img.shape[0] == 3 and 0 <= float(img.min()) and float(img.max()) <= 1
+    assert img.shape[2] <= 700 and img.shape[1] <= 700  # shown whole in a TensorBoard card
+    # the cell colours are the row-normalised values: (0, 0) = 1 (darkest blue), (0, 1) = 0 (white)
+    flat = img.permute(1, 2, 0).reshape(-1, 3)
+    dark = torch.tensor([8, 48, 107]) / 255
+    darkest = ((flat - dark).abs().max(dim=1).values < 1e-3).sum()
+    assert 40 * 40 <= int(darkest) <= 48 * 48 + 200  # one cell (2/2, less its printed value) and the bar's top
+    # class names and counts are drawn: other names give another image
+    other = confusion_image(confmat, ["ant", "bee"])
+    assert img.shape == other.shape and not torch.equal(img, other)
+    # without names the indices are used; a 31-class matrix stays within the same size
+    big = confusion_image(torch.randint(0, 9, (31, 31)), [f"class_name_{i}" for i in range(31)])
+    assert big.shape[1] <= 700 and big.shape[2] <= 700
+    assert confusion_image(confmat).shape[0] == 3

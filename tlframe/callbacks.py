@@ -37,7 +37,8 @@ from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.seeding import mix, run_seed
 from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
-__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config"]
+__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config",
+           "research_hparams"]
 
 _PACKAGES = ("tlframe", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "pillow",
              "jsonargparse", "tensorboard")
@@ -106,6 +107,11 @@ class TransferCheckpoint(ModelCheckpoint):
     """
 
     _last_saved_step: Optional[int] = None
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key names the class: keep ModelCheckpoint's, so earlier runs' checkpoints resume unchanged.
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         super()._save_last_checkpoint(trainer, monitor_candidates)
@@ -247,6 +253,55 @@ def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _hparam_value(value: Any) -> Any:
+    """A value the HParams tab shows as written: numbers and strings as they are, booleans and None as words."""
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() if value is not None else "none"
+    return value if isinstance(value, (int, float, str)) else str(value)
+
+
+def _short_class(spec: Any) -> str:
+    """``{"class_path": "a.b.C", "init_args": {...}}`` -> ``C(k=v, ...)`` (None-valued arguments left out)."""
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        return str(spec)
+    args = ", ".join(f"{k}={v}" for k, v in (spec.get("init_args") or {}).items() if v is not None)
+    return f"{spec['class_path'].rsplit('.', 1)[-1]}({args})"
+
+
+def research_hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a researcher compares across runs, from a resolved CLI config, in reading order.
+
+    ``backbone``, ``pretrained``, ``weights``, ``strategy`` (class name) and each strategy argument
+    (``strategy.trade_off``, ...), the optimisation (``lr``, ``optimizer``, ``scheduler``, ``weight_decay``,
+    ``batch_size``, ``max_epochs``/``max_steps``, ``iters_per_epoch``, ``precision``, ``devices``), the data
+    (``source``/``target`` as ``Class(args)``, ``source_samples_per_class``, ``train_augmentation``,
+    ``image_size``) and the seeds (``seed``, ``split_seed``). Booleans and None read as words.
+    """
+    model, data, trainer = (config.get(k) or {} for k in ("model", "data", "trainer"))
+    strategy = model.get("strategy") or {}
+    out: dict[str, Any] = {
+        "backbone": model.get("backbone"), "pretrained": model.get("pretrained"),
+        "weights": Path(model["weights"]).name if model.get("weights") else None,
+        "strategy": str(strategy.get("class_path", strategy)).rsplit(".", 1)[-1] if strategy else "FineTune",
+    }
+    out.update({f"strategy.{k}": v for k, v in (strategy.get("init_args") or {}).items()
+                if isinstance(strategy, dict)})
+    out.update({
+        "lr": model.get("lr"),
+        "optimizer": _short_class(model["optimizer"]) if model.get("optimizer") else "SGD",
+        "scheduler": _short_class(model["scheduler"]) if model.get("scheduler") else "InverseDecayLR",
+        "weight_decay": model.get("weight_decay"), "bottleneck_dim": model.get("bottleneck_dim"),
+        "batch_size": data.get("batch_size"), "max_epochs": trainer.get("max_epochs"),
+        "max_steps": trainer.get("max_steps"), "iters_per_epoch": data.get("iters_per_epoch"),
+        "precision": trainer.get("precision"), "devices": trainer.get("devices"),
+        "source": _short_class(data.get("source")), "target": _short_class(data.get("target")),
+        "source_samples_per_class": data.get("source_samples_per_class"),
+        "train_augmentation": data.get("train_augmentation"), "image_size": data.get("image_size"),
+        "seed": config.get("seed_everything"), "split_seed": data.get("split_seed"),
+    })
+    return {k: _hparam_value(v) for k, v in out.items()}
+
+
 def _tensorboard(trainer: pl.Trainer) -> Optional[TensorBoardLogger]:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
@@ -263,14 +318,14 @@ class TransferInsights(pl.Callback):
       target has labels (:func:`tlframe.validators.confusion_image`).
 
     Projector: ``bottleneck_features``, the sampled source and target bottleneck features with
-    metadata columns ``class`` (class name, ``unlabelled`` for an unlabelled target) and
-    ``domain`` (``source``/``target``), written at the end of ``fit`` and, with
+    metadata columns ``domain`` (``source``/``target``, first: the column to colour by to see the
+    alignment) and ``class`` (class name, ``unlabelled`` for an unlabelled target), written at the end of ``fit`` and, with
     ``projector_every_n_epochs``, every that many epochs.
 
-    HParams: at the end of ``fit``, the run's resolved config (``config.yaml`` next to the
-    events, flattened with dots, e.g. ``model.strategy.init_args.trade_off``; the module's and
-    data module's hyperparameters without the CLI) with the final ``val/*`` metrics, so
-    TensorBoard's HParams tab compares the runs of a sweep. Lightning's placeholder metric
+    HParams: at the end of ``fit``, the hyperparameters a researcher compares
+    (:func:`research_hparams` of the run's resolved ``config.yaml``: backbone, strategy and its
+    arguments, LR, optimizer, batch, budget, domains, seeds; not the ~140 logging and checkpoint
+    keys) with the final ``val/*`` metrics, so TensorBoard's HParams tab compares the runs of a sweep. Lightning's placeholder metric
     ``hp_metric`` (written at the start with ``default_hp_metric=True``) is switched off, as
     TensorBoard keeps only the first hparams record of a run.
 
@@ -347,7 +402,9 @@ class TransferInsights(pl.Callback):
                                                              steps=self.a_distance_steps, seed=self.seed))
         tb = _tensorboard(trainer)
         if confmat is not None and tb is not None and trainer.is_global_zero:
-            tb.experiment.add_image("val/target_confusion", confusion_image(confmat), global_step=trainer.global_step)
+            classes = getattr(getattr(trainer, "datamodule", None), "classes", None)
+            tb.experiment.add_image("val/target_confusion", confusion_image(confmat, classes),
+                                    global_step=trainer.global_step)
         self._last = {d: {k: v.cpu() for k, v in rows.items()} for d, rows in samples.items() if rows}
         every = self.projector_every_n_epochs
         if every and (trainer.current_epoch + 1) % every == 0:
@@ -368,9 +425,9 @@ class TransferInsights(pl.Callback):
         features, metadata = [], []
         for domain, rows in self._last.items():
             features.append(rows["features"])
-            metadata += [[(classes[y] if classes else str(y)) if y >= 0 else "unlabelled", domain]
+            metadata += [[domain, (classes[y] if classes else str(y)) if y >= 0 else "unlabelled"]
                          for y in rows["labels"].tolist()]
-        tb.experiment.add_embedding(torch.cat(features), metadata=metadata, metadata_header=["class", "domain"],
+        tb.experiment.add_embedding(torch.cat(features), metadata=metadata, metadata_header=["domain", "class"],
                                     global_step=trainer.global_step, tag="bottleneck_features")
         self._projector_step = trainer.global_step
 
@@ -390,6 +447,6 @@ class TransferInsights(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith("val/") and torch.as_tensor(v).numel() == 1}
         writer = tb.experiment._get_file_writer()
-        for summary in hparams(flatten_config(config), metrics):
+        for summary in hparams(research_hparams(config), metrics):
             writer.add_summary(summary, trainer.global_step)
         writer.flush()

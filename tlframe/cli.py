@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-from jsonargparse import lazy_instance
+from jsonargparse import ArgumentError, lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -18,6 +20,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
 from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferInsights
+from tlframe.cli_errors import ConfigError, explain, parser_keys, subcommand_parser
 from tlframe.data import DataError, TransferDataModule
 from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
@@ -56,10 +59,27 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(TransferInsights, "insights")
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        # errors reach parse_arguments; no guessing of abbreviated options (--trainer.max_epoch is a typo)
+        return super().init_parser(**{**kwargs, "exit_on_error": False, "allow_abbrev": False})
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """Parse, turning jsonargparse's usage dump into one line: :func:`tlframe.cli_errors.explain`."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+            command = argv[0] if argv and not argv[0].startswith("-") else None
+            keys = parser_keys(subcommand_parser(parser, command))
+            raise ConfigError(explain(str(err), argv, keys, f"tlframe {command or ''}".strip())) from None
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if self.subcommand in EVAL_SUBCOMMANDS:
             self._log_beside_checkpoint()
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger) and not Path(logger.log_dir).exists():
+                _NEW_RUN_DIRS.append(Path(logger.log_dir))
 
     def _log_beside_checkpoint(self) -> None:
         """``validate``/``test``/``predict --ckpt_path`` write into the checkpoint's run, not a new run.
@@ -104,8 +124,29 @@ def quiet_lightning() -> None:
             log.addFilter(_DropMessages())
 
 
+#: Run folders that this process's command is about to create (removed again if it stops on bad input).
+_NEW_RUN_DIRS: list[Path] = []
+#: What a run folder may hold when nothing of value was written yet.
+_PLACEHOLDER_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "run_info.json")
+
+
+def remove_unused_run_dirs() -> None:
+    """Delete the run folders this command created when they hold no checkpoint, metric or prediction yet:
+    input rejected before training leaves no empty ``version_N`` behind. Rank 0 only."""
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) != 0:
+        return
+    for folder in _NEW_RUN_DIRS:
+        if not folder.is_dir():
+            continue
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        if all(any(f.match(p) for p in _PLACEHOLDER_FILES) for f in files) and not any(
+                f.name.startswith("events.out.tfevents") and f.stat().st_size > 4096 for f in files):
+            shutil.rmtree(folder, ignore_errors=True)
+    _NEW_RUN_DIRS.clear()
+
+
 #: Exceptions that end ``tlframe`` with their message alone (no traceback) and an exit code.
-BAD_INPUT_ERRORS = (DataError, BackboneError, CheckpointMismatchError, MisconfigurationException, FileNotFoundError)
+BAD_INPUT_ERRORS = (ConfigError, DataError, BackboneError, CheckpointMismatchError, MisconfigurationException, FileNotFoundError)
 EXIT_BAD_INPUT, EXIT_NON_FINITE = 2, 3
 
 
@@ -143,6 +184,7 @@ def main(args: Optional[list[str]] = None) -> None:
             TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
                        save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
     except BAD_INPUT_ERRORS as err:
+        remove_unused_run_dirs()
         print(f"tlframe: error: {error_message(err)}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except NonFiniteLossError as err:

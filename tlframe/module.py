@@ -183,7 +183,12 @@ class TransferModule(pl.LightningModule):
 
     @property
     def progress(self) -> Progress:
-        return Progress(self.global_step, self.current_epoch)
+        return Progress(self.global_step, self.current_epoch, getattr(self, "_total_steps", None))
+
+    def on_train_start(self) -> None:
+        # The run's length in optimizer steps, from the trainer's settings (so the same after resume).
+        total = self.trainer.estimated_stepping_batches
+        self._total_steps = int(total) if math.isfinite(total) else None
 
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

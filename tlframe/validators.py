@@ -18,8 +18,9 @@ of batches (bottom-k sampling), gathered across DDP ranks like any torchmetrics 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from torchmetrics import Metric
@@ -111,27 +112,90 @@ def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, steps: int = 10
     return 2.0 * (1.0 - 2.0 * err)
 
 
-def confusion_image(confmat: torch.Tensor, cell: Optional[int] = None, max_size: int = 512) -> torch.Tensor:
-    """Render a ``(C, C)`` confusion matrix (rows: true class, columns: predicted) as a ``(3, H, W)`` image in [0, 1].
+def _font(size: int):
+    from PIL import ImageFont
 
-    Each row is normalised to sum to 1 (per-class recall on the diagonal; an empty row stays
-    0) and drawn as a white-to-dark-blue heatmap, each cell ``cell`` pixels wide (default:
-    as large as fits in ``max_size``, at least 1) with a 1-pixel grey grid, so the image reads
-    at a glance in TensorBoard's Images tab without matplotlib.
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _blend(value: float) -> tuple[int, int, int]:
+    """White (0) to dark blue (1)."""
+    white, blue = (255, 255, 255), (8, 48, 107)
+    return tuple(int(round(w + (b - w) * value)) for w, b in zip(white, blue))  # type: ignore[return-value]
+
+
+def confusion_image(confmat: torch.Tensor, classes: Optional[Sequence[str]] = None, max_size: int = 480,
+                    title: str = "target confusion (row-normalised)") -> torch.Tensor:
+    """Render a ``(C, C)`` confusion matrix (rows: true class, columns: predicted) as a labelled ``(3, H, W)`` image in [0, 1].
+
+    Each row is normalised to sum to 1 (per-class recall on the diagonal; an empty row stays 0)
+    and drawn as a white-to-dark-blue heatmap with a grey grid; the value is printed in every cell
+    that is large enough, the class names (``classes``, else ``0..C-1``) are on
+    both axes (a name over 14 characters keeps its first 6 and last 7) with the axis titles "true class" and
+    "predicted class", the row's image count is
+    beside each name, and a colour bar (0 to 1) is on the right. The matrix is at most
+    ``max_size`` pixels wide (cells of 8 to 48 pixels), so the whole image fits a TensorBoard card.
+    Drawn with Pillow (no matplotlib).
     """
+    from PIL import Image, ImageDraw
+
     c = confmat.shape[0]
+    counts = confmat.long().sum(dim=1).tolist()
     m = confmat.float().cpu()
-    m = m / m.sum(dim=1, keepdim=True).clamp_min(1)
-    cell = cell or max(1, max_size // c)
-    big = m.repeat_interleave(cell, 0).repeat_interleave(cell, 1)  # (C*cell, C*cell)
-    white, blue = torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.03, 0.19, 0.42])
-    img = white[:, None, None] + (blue - white)[:, None, None] * big[None]
-    if cell >= 4:
-        grid = torch.zeros(c * cell, dtype=torch.bool)
-        grid[::cell] = True
-        img[:, grid, :] = 0.6
-        img[:, :, grid] = 0.6
-    return img.clamp(0, 1)
+    m = (m / m.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+    names = [str(n) if len(str(n)) <= 14 else f"{str(n)[:6]}~{str(n)[-7:]}"  # keep distinct endings (class_12)
+             for n in (classes if classes is not None and len(classes) == c else range(c))]
+    cell = int(min(48, max(8, max_size // max(c, 1))))
+    font, small = _font(max(9, min(14, cell // 3 + 2))), _font(11)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def width(text: str, f=font) -> int:
+        box = measure.textbbox((0, 0), text, font=f)
+        return box[2] - box[0]
+
+    row_labels = [f"{n} ({k})" for n, k in zip(names, counts)]
+    left = 24 + max(width(t) for t in row_labels) + 8
+    top = 28
+    bottom = max(width(n) for n in names) + 30
+    bar_w, bar_gap, bar_text = 14, 16, width("1.0", small) + 8
+    w = left + c * cell + bar_gap + bar_w + bar_text + 8
+    h = top + c * cell + bottom
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), title, fill="black", font=small)
+    for i in range(c):
+        for j in range(c):
+            x0, y0 = left + j * cell, top + i * cell
+            value = m[i][j]
+            draw.rectangle([x0, y0, x0 + cell, y0 + cell], fill=_blend(value), outline=(160, 160, 160))
+            if cell >= 28:
+                text = f"{value:.2f}"
+                draw.text((x0 + (cell - width(text)) / 2, y0 + cell / 2 - 7), text, font=font,
+                          fill="white" if value > 0.5 else "black")
+        draw.text((left - 6 - width(row_labels[i]), top + i * cell + cell / 2 - 7), row_labels[i], fill="black", font=font)
+    # column names, rotated by 90 degrees, below the matrix
+    for j, name in enumerate(names):
+        label = Image.new("RGB", (width(name) + 4, 18), "white")
+        ImageDraw.Draw(label).text((2, 1), name, fill="black", font=font)
+        label = label.rotate(90, expand=True)
+        img.paste(label, (int(left + j * cell + cell / 2 - label.width / 2), top + c * cell + 4))
+    draw.text((left + (c * cell - width("predicted class", small)) / 2, h - 16), "predicted class", fill="black",
+              font=small)
+    axis = Image.new("RGB", (width("true class", small) + 4, 16), "white")
+    ImageDraw.Draw(axis).text((2, 1), "true class", fill="black", font=small)
+    axis = axis.rotate(90, expand=True)
+    img.paste(axis, (2, int(top + (c * cell - axis.height) / 2)))
+    # colour bar: 1 at the top, 0 at the bottom
+    bx, span = left + c * cell + bar_gap, c * cell
+    for y in range(span):
+        draw.line([bx, top + y, bx + bar_w, top + y], fill=_blend(1 - y / max(span - 1, 1)))
+    draw.rectangle([bx, top, bx + bar_w, top + span], outline=(120, 120, 120))
+    for value, y in ((1.0, top), (0.5, top + span / 2), (0.0, top + span)):
+        draw.text((bx + bar_w + 4, y - 6), f"{value:.1f}", fill="black", font=small)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
 class RowSample(Metric):

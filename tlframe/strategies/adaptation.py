@@ -6,7 +6,7 @@ unfreezing and layer-wise LR decay work with them too.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -43,19 +43,29 @@ class DANN(FineTune):
         hidden: width of the discriminator's hidden layers.
         discriminator_lr_mult: LR multiplier of the discriminator's parameter group.
         grl_max_steps, grl_alpha, grl_lo, grl_hi: warm-start schedule of the reversal coefficient.
+            ``grl_max_steps`` is TLlib's fixed 1000 steps by default (for parity with its numbers),
+            whatever the run's length; ``"auto"`` ties it to the run: ``max_steps`` = the run's
+            total optimizer steps, so ``step / max_steps`` is the paper's training progress ``p``
+            in [0, 1]. Ganin & Lempitsky's ``lambda_p = 2 / (1 + exp(-10 p)) - 1`` is
+            ``grl_max_steps: auto, grl_alpha: 10``.
         ``**kwargs``: the :class:`FineTune` arguments (backbone LR multiplier, freezing, ...).
     """
 
     uses_target = True
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
-                 grl_max_steps: int = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
+                 grl_max_steps: Union[int, Literal["auto"]] = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.trade_off = trade_off
         self.hidden = hidden
         self.discriminator_lr_mult = discriminator_lr_mult
-        self.grl = dict(max_steps=grl_max_steps, alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
+        if grl_max_steps != "auto" and (isinstance(grl_max_steps, bool) or not isinstance(grl_max_steps, int)
+                                        or grl_max_steps < 1):
+            raise ValueError(f"grl_max_steps={grl_max_steps!r} must be a positive number of steps or 'auto' "
+                             "(the run's total steps).")
+        self.grl_max_steps = grl_max_steps
+        self.grl = dict(alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
         self.discriminator: Optional[DomainDiscriminator] = None
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
@@ -67,12 +77,18 @@ class DANN(FineTune):
             {"name": "discriminator", "params": list(self.discriminator.parameters()), "lr_mult": self.discriminator_lr_mult}
         ]
 
-    def coefficient(self, step: int) -> float:
-        """GRL coefficient at optimizer step ``step``."""
-        return warm_start_coefficient(step, **self.grl)
+    def coefficient(self, step: int, total_steps: Optional[int] = None) -> float:
+        """GRL coefficient at optimizer step ``step`` of a run of ``total_steps`` (used with ``grl_max_steps: auto``)."""
+        max_steps = self.grl_max_steps
+        if max_steps == "auto":
+            if not total_steps:
+                raise ValueError("grl_max_steps='auto' needs the run's total steps: set trainer.max_steps or "
+                                 "trainer.max_epochs (an open-ended run has no training progress p).")
+            max_steps = total_steps
+        return warm_start_coefficient(step, max_steps, **self.grl)
 
     def compute(self, step: TransferStep) -> StrategyOutput:
-        coeff = self.coefficient(step.progress.step)
+        coeff = self.coefficient(step.progress.step, step.progress.total_steps)
         n = step.f_s.shape[0]
         if self.bn_policy == "joint":
             d = self.discriminator(gradient_reverse(torch.cat([step.f_s, step.f_t]), coeff))

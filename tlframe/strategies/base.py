@@ -31,10 +31,13 @@ __all__ = ["Progress", "TransferStep", "StrategyOutput", "Strategy"]
 
 
 class Progress(NamedTuple):
-    """Where training is: the trainer's ``global_step`` (optimizer steps) and ``current_epoch``."""
+    """Where training is: the trainer's ``global_step`` (optimizer steps) and ``current_epoch``, and
+    ``total_steps``, the optimizer steps of the whole run (Lightning's ``estimated_stepping_batches``;
+    ``None`` outside ``fit`` or for an open-ended run)."""
 
     step: int
     epoch: int
+    total_steps: Optional[int] = None
 
 
 @dataclass
