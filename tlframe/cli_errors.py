@@ -157,7 +157,8 @@ def explain(message: str, argv: Sequence[str], valid_keys: Sequence[str] = (), c
         return f"unknown key {name!r}{f' ({where})' if where else ''}: {fix or help_hint}"
     m = re.search(r'Parser key "config": File does not exist: (.*)', text)
     if m:
-        return f"config file {m.group(1).strip().strip("'\"")} does not exist (from {Path.cwd()}): check the path given to -c"
+        path = m.group(1).strip().strip("'\"")
+        return f"config file {path} does not exist (from {Path.cwd()}): check the path given to -c"
     if "Problems parsing config" in text:
         return _yaml_error(argv, text.split("Problems parsing config", 1)[1])
     m = re.search(r"Expected a (?:<class '(\w+)'>|(\S+))\. Got value: (.*)", text)
