@@ -253,3 +253,27 @@ def test_splits_too_large_for_memory_load_as_usual(monkeypatch):
     dm.setup("fit")
     dm.train_dataloader()
     assert sorted(k.split(" Compose")[0] for k in dm._preloaded) == ["target train"]  # 30 images fit, 40 do not
+
+
+def test_target_val_samples_is_a_fixed_stratified_subsample_and_test_keeps_every_image(capsys):
+    from tlframe.data.datamodule import _labels_of
+
+    dm = TransferDataModule(synth(n=100), synth("target", n=80, n_test=200), batch_size=8, target_val_samples=50)
+    dm.setup("fit")
+    val_target = dm.val_dataloader()[1].dataset
+    assert len(val_target) == len(dm.target_val) and 40 <= len(val_target) <= 60
+    labels = _labels_of(dm.target_val)
+    full = _labels_of(dm.target_test)
+    share = np.bincount(labels, minlength=10) / len(labels)
+    assert np.abs(share - np.bincount(full, minlength=10) / len(full)).max() < 0.05  # each class keeps its share
+    assert len(dm.test_dataloader()[0].dataset) == 200 and len(dm.predict_dataloader().dataset) == 200
+    again = TransferDataModule(synth(n=100), synth("target", n=80, n_test=200), batch_size=8, target_val_samples=50)
+    again.setup("fit")
+    assert again.target_val.indices == dm.target_val.indices  # the same images every run (split_seed)
+    # unlabelled target: a uniform sample of exactly that size
+    dm = TransferDataModule(synth(n=100), synth("target", n=80, n_test=200, labelled=False), batch_size=8,
+                            target_val_samples=50)
+    dm.setup("fit")
+    assert len(dm.val_dataloader()[1].dataset) == 50
+    with pytest.raises(DataError, match="target_val_samples=0 must be a positive integer"):
+        TransferDataModule(synth(n=100), synth("target"), target_val_samples=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -182,3 +183,23 @@ def test_two_process_cpu_ddp_sync_batchnorm(ddp_runs):
     assert r0["sync_bn_modules"] > 0
     for k, v in r0["bn"].items():  # synced statistics: the same running means on both ranks
         assert v == pytest.approx(r1["bn"][k], rel=1e-5, abs=1e-6), k
+
+
+def test_dann_grl_schedule_tied_to_the_run_length(synthetic_dm, trainer_factory):
+    """``grl_max_steps: auto``: ``p = step / total_steps`` (Ganin & Lempitsky's progress) with ``grl_alpha: 10``."""
+    dann = DANN(grl_max_steps="auto", grl_alpha=10.0)
+    assert dann.coefficient(0, 200) == 0.0
+    assert dann.coefficient(100, 200) == pytest.approx(2 / (1 + math.exp(-5)) - 1)  # p = 0.5
+    assert dann.coefficient(200, 200) == pytest.approx(2 / (1 + math.exp(-10)) - 1)  # p = 1: ~1 at the end
+    assert DANN().coefficient(1000, 200) == pytest.approx(0.4621, abs=1e-4)  # the default stays TLlib's fixed 1000
+    with pytest.raises(ValueError, match="needs the run's total steps"):
+        dann.coefficient(5, None)
+    with pytest.raises(ValueError, match="positive number of steps or 'auto'"):
+        DANN(grl_max_steps=0)
+    # in a fit, the total is the trainer's estimated_stepping_batches (3 epochs x 4 batches = 12 steps)
+    model = TransferModule("dtn", num_classes=10, strategy=DANN(grl_max_steps="auto", grl_alpha=10.0))
+    rec = StepRecorder()
+    trainer_factory(max_epochs=3, callbacks=[rec]).fit(model, synthetic_dm(iters_per_epoch=4))
+    assert model.progress.total_steps == 12
+    for step, (coeff, _) in rec.rows.items():
+        assert coeff == pytest.approx(2 / (1 + math.exp(-10 * (step - 1) / 12)) - 1), step
