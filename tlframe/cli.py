@@ -20,7 +20,8 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
 from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferInsights
-from tlframe.cli_errors import ConfigError, explain, parser_keys, subcommand_parser
+from tlframe.checks import ConfigError, check_checkpoint_file, check_writable_folder
+from tlframe.cli_errors import explain, parser_keys, subcommand_parser
 from tlframe.data import DataError, TransferDataModule
 from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
@@ -73,13 +74,49 @@ class TLFrameCLI(LightningCLI):
             keys = parser_keys(subcommand_parser(parser, command))
             raise ConfigError(explain(str(err), argv, keys, f"tlframe {command or ''}".strip())) from None
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before Lightning reads the hyperparameters in it (a truncated or foreign file
+        ends in one line instead of ``OSError``/``KeyError`` tracebacks)."""
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+            check_checkpoint_file(str(ckpt))
+        parse = getattr(super(), "_parse_ckpt_path", None)
+        if parse is not None:
+            try:
+                parse()
+            except ArgumentError as err:
+                raise ConfigError(f"the hyperparameters saved in {ckpt} do not fit this tlframe: "
+                                  f"{explain(str(err), [])}") from None
+
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        """Build the objects; a value they refuse (``ValueError``/``TypeError`` from an ``__init__``) is bad input.
+
+        Then, before anything is written: the checkpoint of ``--ckpt_path`` is checked (readable, a tlframe
+        run's), evaluations are pointed beside it, and the output folders must be writable.
+        """
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            root = _root_cause(err)
+            if isinstance(root, BAD_INPUT_ERRORS) and not isinstance(root, ConfigError):
+                raise root from None
+            message = str(root).rstrip(". ")
+            raise ConfigError(f"{_raised_in(root)}{message}: fix that value in the config or on the command line") from None
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt = config.get("ckpt_path")
+        if ckpt and ckpt not in ("best", "last", "hpc", "registry"):
+            check_checkpoint_file(str(ckpt))
         if self.subcommand in EVAL_SUBCOMMANDS:
             self._log_beside_checkpoint()
         for logger in self.trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and not Path(logger.log_dir).exists():
-                _NEW_RUN_DIRS.append(Path(logger.log_dir))
+            if isinstance(logger, TensorBoardLogger):
+                check_writable_folder(logger.log_dir, "trainer.logger.init_args.save_dir (the run folder)")
+                if not Path(logger.log_dir).exists():
+                    _NEW_RUN_DIRS.append(Path(logger.log_dir))
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)
+        if self.subcommand == "predict" and writer is not None and writer.output_dir:
+            check_writable_folder(writer.output_dir, "predictions.output_dir")
 
     def _log_beside_checkpoint(self) -> None:
         """``validate``/``test``/``predict --ckpt_path`` write into the checkpoint's run, not a new run.
@@ -106,7 +143,8 @@ EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
 #: Lightning messages that are not the user's business: an advertisement, and deprecations inside Lightning.
 QUIET_MESSAGES = (r"💡 Tip", r".*isinstance\(treespec, LeafSpec\)", r"The dirpath has changed from",
-                  r"You're resuming from a checkpoint that ended before the epoch")
+                  r"You're resuming from a checkpoint that ended before the epoch",
+                  r"LightningCLI's args parameter is intended")
 
 
 class _DropMessages(logging.Filter):
@@ -128,6 +166,24 @@ def quiet_lightning() -> None:
 _NEW_RUN_DIRS: list[Path] = []
 #: What a run folder may hold when nothing of value was written yet.
 _PLACEHOLDER_FILES = ("events.out.tfevents.*", "hparams.yaml", "config.yaml", "run_info.json")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost ``ValueError``/``TypeError`` of ``err``'s chain (jsonargparse wraps what an ``__init__`` raised)."""
+    while isinstance(err.__cause__ or err.__context__, (ValueError, TypeError)):
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    return err
+
+
+def _raised_in(err: BaseException) -> str:
+    """``"DANN: "`` when ``err`` was raised inside a class's ``__init__`` (the innermost one), else ``""``."""
+    tb, owner = err.__traceback__, ""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "__init__" and "self" in frame.f_locals:
+            owner = type(frame.f_locals["self"]).__name__
+        tb = tb.tb_next
+    return f"{owner}: " if owner else ""
 
 
 def remove_unused_run_dirs() -> None:
@@ -161,6 +217,35 @@ def error_message(err: BaseException) -> str:
     elif isinstance(err, FileNotFoundError) and "heckpoint" in text:
         text += ": pass an existing checkpoint, e.g. --ckpt_path=runs/<name>/version_N/checkpoints/last.ckpt."
     return text
+
+
+class _ArgumentCheck(TLFrameCLI):
+    """Parse and type-check a command's arguments without building anything (see :func:`argument_error`)."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def argument_error(args: list[str]) -> Optional[str]:
+    """The one-line error of ``tlframe <args>`` found by parsing alone (unknown keys, wrong types, class paths,
+    config files), or None when they parse. Used by ``tlframe sweep`` to check every run before starting any."""
+    try:
+        with warnings.catch_warnings():
+            quiet_lightning()
+            _ArgumentCheck(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
+                           auto_configure_optimizers=False)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def main(args: Optional[list[str]] = None) -> None:

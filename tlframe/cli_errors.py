@@ -18,11 +18,9 @@ from typing import Optional, Sequence
 
 import yaml
 
+from tlframe.checks import ConfigError
+
 __all__ = ["ConfigError", "explain", "parser_keys", "subcommand_parser"]
-
-
-class ConfigError(ValueError):
-    """A config file or command-line option that tlframe cannot use; the message says why and the fix."""
 
 
 def _closest(word: str, names: Sequence[str], n: int = 3) -> list[str]:
@@ -102,15 +100,29 @@ def _unknown_nested(key: str, class_path: str, option: str, argv: Sequence[str])
     return f"{short} ({key}) has no argument {option!r}{f' ({where})' if where else ''}: {fix}"
 
 
-def _unknown_class(key: str, class_path: str, module: str, name: str) -> str:
+#: Where tlframe's configurable classes live: the candidates of a "did you mean" for a class path.
+CLASS_MODULES = ("tlframe.strategies", "tlframe.data", "torch.optim", "torch.optim.lr_scheduler")
+
+
+def _classes_of(module: str) -> list[str]:
     try:
         mod = importlib.import_module(module)
-        names = [n for n in (getattr(mod, "__all__", None) or dir(mod)) if inspect.isclass(getattr(mod, n, None))]
     except ImportError:
-        names = []
-    fix = _did_you_mean(name, names, f"{module}.{{}}") or (f"{module} has {', '.join(names)}" if names else
-                                                          "give a full class path, e.g. tlframe.strategies.DANN")
-    return f"{key}: no class {name!r} in {module} ({class_path!r}): {fix}"
+        return []
+    return [n for n in (getattr(mod, "__all__", None) or dir(mod))
+            if not n.startswith("_") and inspect.isclass(getattr(mod, n, None))]
+
+
+def _unknown_class(key: str, class_path: str) -> str:
+    """``key`` names ``class_path``, which does not import: suggest the closest class paths tlframe knows."""
+    module, _, name = class_path.rpartition(".")
+    candidates = [f"{m}.{c}" for m in (module, *CLASS_MODULES) for c in _classes_of(m)] if module else []
+    close = difflib.get_close_matches(class_path, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
+    close += [c for c in dict.fromkeys(candidates) if c.rsplit(".", 1)[-1].lower() == name.lower() and c not in close]
+    fix = f"did you mean {' or '.join(close[:3])}?" if close else (
+        f"{module} has {', '.join(_classes_of(module))}" if _classes_of(module) else
+        f"give a full class path from {', '.join(CLASS_MODULES)}, e.g. tlframe.strategies.DANN")
+    return f"{key}: cannot import {class_path!r}: {fix}"
 
 
 def _yaml_error(argv: Sequence[str], detail: str) -> str:
@@ -135,12 +147,17 @@ def explain(message: str, argv: Sequence[str], valid_keys: Sequence[str] = (), c
     key = re.search(r'Parser key "([\w.]+)"', text)
     if m and key:
         return _unknown_nested(key.group(1), m.group(1), m.group(2), argv)
-    m = re.search(r"Problem with given class_path '([\w.]+)':\s*module '([\w.]+)' has no attribute '(\w+)'", text)
-    if m and key:
-        return _unknown_class(key.group(1), m.group(1), m.group(2), m.group(3))
-    m = re.search(r"Import path ([\w.]+) does not|No module named '([\w.]+)'", text)
-    if m and key:
-        return f"{key.group(1)}: cannot import {m.group(1) or m.group(2)!r}: check the class path (e.g. tlframe.strategies.DANN)"
+    m = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", text)
+    if m and key and re.search(r"has no attribute|No module named|not accessible|Import path", m.group(2)):
+        return _unknown_class(key.group(1), m.group(1))
+    if m and key:  # the class refused a value (checked while parsing)
+        detail = m.group(2).strip().rstrip(". ")
+        return f"{m.group(1).rsplit('.', 1)[-1]} ({key.group(1)}): {detail}: fix that value"
+    m = re.search(r"Expected a path but ([\w.]+) either not accessible|module '[\w.]+' has no attribute|No module named", text)
+    given = re.search(r"Given value: ([\w.]+)\s*$", text)
+    path = (m.group(1) if m and m.lastindex else None) or (given.group(1) if given else None)
+    if m and key and path:
+        return _unknown_class(key.group(1), path)
     m = re.search(r"unrecognized arguments: (.*)", text)
     if m:
         parts = []
@@ -166,7 +183,14 @@ def explain(message: str, argv: Sequence[str], valid_keys: Sequence[str] = (), c
         kind = m.group(1) or m.group(2)
         where = _where(key.group(1), argv)
         return f"{key.group(1)} must be a {kind}, got {m.group(3).strip()!r}{f' ({where})' if where else ''}: fix the value"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("Given value", "Subtypes"))]
+    expected = re.findall(r"Expected a <class '(\w+)'>", text)
+    given = re.search(r"Given value: (.*)$", text)
+    if key and expected and given:
+        kinds = " or ".join(dict.fromkeys(k.replace("NoneType", "null") for k in expected))
+        where = _where(key.group(1), argv)
+        return f"{key.group(1)}: {given.group(1).strip()!r} is not a {kinds}{f' ({where})' if where else ''}: fix the value"
+    lines = [ln.strip(" -") for ln in text.splitlines()
+             if ln.strip() and not ln.strip().startswith(("Given value", "Subtypes", "Errors", "Does not validate"))]
     return " ".join(lines[:3])
 
 
@@ -179,7 +203,8 @@ def parser_keys(parser) -> list[str]:
             keys.append(dest)
         for sub in (getattr(action, "_name_parser_map", None) or {}).values():
             keys.extend(parser_keys(sub))
-    return sorted(set(keys))
+    groups = {k.rsplit(".", 1)[0] for k in keys if "." in k}  # "model", "trainer": sections, not options
+    return sorted(set(keys) - groups)
 
 
 def subcommand_parser(parser, name: Optional[str]):

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
 from tlframe.backbones import create_backbone, data_config
+from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import FeatureCache
 from tlframe.heads import TransferHead
 from tlframe.optim import InverseDecayLR, apply_lr_multipliers, nonempty_groups
@@ -103,6 +104,12 @@ class TransferModule(pl.LightningModule):
         validator_samples: int = 2000,
     ):
         super().__init__()
+        check_number("lr", lr, low=0, low_open=True)
+        check_number("momentum", momentum, low=0, high=1)
+        check_number("weight_decay", weight_decay, low=0)
+        check_number("bottleneck_dim", bottleneck_dim, low=0, integer=True)
+        check_number("bottleneck_dropout", bottleneck_dropout, low=0, high=1, high_open=True)
+        check_number("validator_samples", validator_samples, low=2, integer=True)
         # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
         # strategy is its class_path/init_args: keep it, so load_from_checkpoint rebuilds it. Built in
         # code, the strategy/optimizer objects are left out (they would be pickled into every checkpoint).
@@ -322,12 +329,18 @@ class TransferModule(pl.LightningModule):
     # -- optimisation ------------------------------------------------------------------
     def configure_optimizers(self) -> dict:
         groups = nonempty_groups(self.strategy.param_groups(self.backbone, self.head))
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum,
-                                        weight_decay=self.hparams.weight_decay, nesterov=self.hparams.nesterov)
-        else:
-            optimizer = self.optimizer_factory(groups)
+        try:
+            if self.optimizer_factory is None:
+                optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum,
+                                            weight_decay=self.hparams.weight_decay, nesterov=self.hparams.nesterov)
+            else:
+                optimizer = self.optimizer_factory(groups)
+        except (ValueError, TypeError) as err:  # torch's own checks of the optimizer's arguments
+            raise ConfigError(f"model.optimizer: {err}: fix its init_args (or model.lr, model.weight_decay)") from None
         apply_lr_multipliers(optimizer)
-        scheduler = InverseDecayLR(optimizer) if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        try:
+            scheduler = InverseDecayLR(optimizer) if self.scheduler_factory is None else self.scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model.scheduler: {err}: fix its init_args") from None
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}

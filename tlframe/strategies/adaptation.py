@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from tlframe.checks import check_number
 from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient
 from tlframe.optim import ParamGroup
 from tlframe.strategies.base import StrategyOutput, TransferStep
@@ -64,6 +65,12 @@ class DANN(FineTune):
                                         or grl_max_steps < 1):
             raise ValueError(f"grl_max_steps={grl_max_steps!r} must be a positive number of steps or 'auto' "
                              "(the run's total steps).")
+        check_number("trade_off", trade_off, low=0)
+        check_number("hidden", hidden, low=1, integer=True)
+        check_number("discriminator_lr_mult", discriminator_lr_mult, low=0)
+        check_number("grl_alpha", grl_alpha, low=0, low_open=True)
+        check_number("grl_lo", grl_lo)
+        check_number("grl_hi", grl_hi)
         self.grl_max_steps = grl_max_steps
         self.grl = dict(alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
         self.discriminator: Optional[DomainDiscriminator] = None
@@ -123,6 +130,11 @@ class MMD(FineTune):
                  linear: bool = False, offset: bool = True, bn_policy: Literal["joint", "separate"] = "separate",
                  **kwargs: Any):
         super().__init__(bn_policy=bn_policy, **kwargs)
+        check_number("trade_off", trade_off, low=0)
+        if not alphas:
+            raise ValueError("alphas is empty: give at least one kernel bandwidth multiplier, e.g. [0.5, 1.0, 2.0]")
+        for a in alphas:
+            check_number("alphas[i]", a, low=0, low_open=True)
         self.trade_off = trade_off
         self.alphas = tuple(alphas)
         self.linear = linear

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tlframe.checks import check_number
 from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, trainable
 
@@ -92,6 +93,8 @@ class Strategy(nn.Module):
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
                  label_smoothing: float = 0.0):
         super().__init__()
+        check_number("head_lr_mult", head_lr_mult, low=0)
+        check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
         self.head_lr_mult = head_lr_mult
         self.bn_policy = bn_policy
         self.label_smoothing = label_smoothing

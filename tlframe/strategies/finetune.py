@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from tlframe.backbones import backbone_stages
+from tlframe.checks import check_number
 from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers
 from tlframe.strategies.base import Progress, Strategy
@@ -58,6 +59,8 @@ class FineTune(Strategy):
             raise ValueError(f"unfreeze_every must be a positive number of {unfreeze_unit}s or null, got {unfreeze_every}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        check_number("backbone_lr_mult", backbone_lr_mult, low=0)
+        check_number("freeze_stages", freeze_stages, low=0, integer=True)
         self.backbone_lr_mult = backbone_lr_mult
         self.freeze_stages = freeze_stages
         self.unfreeze_every = unfreeze_every
