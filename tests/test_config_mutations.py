@@ -27,8 +27,10 @@ PER_CONFIG = 4  # mutation kinds drawn per config (seeded)
 FAST = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.limit_train_batches=2",
         "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--insights.projector=false", "--insights.a_distance=false", "--model.pretrained=false"]
+#: ``model.backbone`` too: without it the digit configs train timm's default ResNet-18 at 224 px (valid, but
+#: minutes per step on a CPU test machine).
 PROTECTED = {"trainer.max_steps", "trainer.limit_val_batches", "trainer.limit_train_batches", "trainer.logger",
-             "trainer.num_sanity_val_steps", "model.pretrained"}
+             "trainer.num_sanity_val_steps", "model.pretrained", "model.backbone"}
 
 
 def leaves(node: Any, path: tuple = ()) -> list[tuple[tuple, Any]]:
