@@ -219,35 +219,6 @@ def error_message(err: BaseException) -> str:
     return text
 
 
-class _ArgumentCheck(TLFrameCLI):
-    """Parse and type-check a command's arguments without building anything (see :func:`argument_error`)."""
-
-    def _parse_ckpt_path(self) -> None:
-        pass
-
-    def _set_seed(self) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        pass
-
-
-def argument_error(args: list[str]) -> Optional[str]:
-    """The one-line error of ``tlframe <args>`` found by parsing alone (unknown keys, wrong types, class paths,
-    config files), or None when they parse. Used by ``tlframe sweep`` to check every run before starting any."""
-    try:
-        with warnings.catch_warnings():
-            quiet_lightning()
-            _ArgumentCheck(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
-                           auto_configure_optimizers=False)
-    except ConfigError as err:
-        return str(err)
-    return None
-
-
 def main(args: Optional[list[str]] = None) -> None:
     """Run the CLI. Bad input (data, backbone, weights, checkpoint, trainer settings) ends with its message
     and exit code 2, a non-finite loss with exit code 3: a message that names the problem and the fix, no traceback.

@@ -441,22 +441,6 @@ def _status(run: Run) -> str:
     return "unfinished" if run.run_dir.exists() else "not run"
 
 
-def check_run_arguments(sweep: Sweep, runs: Sequence[Run]) -> None:
-    """Parse one run of every grid point as ``tlframe`` would (keys, types, class paths, config files) before any
-    run starts: a misspelled grid key fails the sweep at once with one line, not every run after a while."""
-    from tlframe.cli import argument_error
-
-    checked: set[str] = set()
-    for run in runs:
-        point = json.dumps(run.point, sort_keys=True)
-        if point in checked:
-            continue
-        checked.add(point)
-        error = argument_error(run.argv()[3:])
-        if error:
-            raise SweepError(f"sweep file {sweep.path}, run {run.label!r}: {error}")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -465,8 +449,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = load_sweep(args.sweep_file, args.out)
         if args.index is not None and not 0 <= args.index < len(sweep.runs):
             raise SweepError(f"--index {args.index} is out of range: the sweep has runs 0..{len(sweep.runs) - 1}")
-        if not args.list:
-            check_run_arguments(sweep, [sweep.runs[args.index]] if args.index is not None else sweep.runs)
     except SweepError as err:
         print(f"tlframe sweep: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
