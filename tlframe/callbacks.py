@@ -37,7 +37,7 @@ from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.seeding import mix, run_seed
 from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
-__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info", "flatten_config",
+__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info",
            "research_hparams"]
 
 _PACKAGES = ("tlframe", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "pillow",
@@ -238,19 +238,6 @@ class PredictionWriter(BasePredictionWriter):
                 writer.writerow([i, sample, classes[y] if y >= 0 else "", classes[p], f"{c:.6f}",
                                  *[f"{v:.6f}" for v in row]])
         print(f"tlframe: wrote {len(probs)} predictions to {path}", flush=True)
-
-
-def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"lr": 0.01}}`` -> ``{"model.lr": 0.01}``; values that TensorBoard's HParams tab cannot
-    show (None, lists, ...) become their ``str``."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten_config(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
-    return flat
 
 
 def _hparam_value(value: Any) -> Any:

@@ -143,8 +143,7 @@ EVAL_SUBCOMMANDS = ("validate", "test", "predict")
 
 #: Lightning messages that are not the user's business: an advertisement, and deprecations inside Lightning.
 QUIET_MESSAGES = (r"💡 Tip", r".*isinstance\(treespec, LeafSpec\)", r"The dirpath has changed from",
-                  r"You're resuming from a checkpoint that ended before the epoch",
-                  r"LightningCLI's args parameter is intended")
+                  r"You're resuming from a checkpoint that ended before the epoch")
 
 
 class _DropMessages(logging.Filter):
