@@ -203,3 +203,70 @@ def test_commands_print_no_advertising_or_lightning_deprecation(tmp_path, capfd)
     text = out.out + out.err
     assert "tlframe: val results" in text
     assert "Tip:" not in text and "litlogger" not in text and "LeafSpec" not in text and "dirpath has changed" not in text
+
+
+def test_checkpoint_files_that_are_not_usable_give_one_line_for_ckpt_path_and_weights(earlier_run, tmp_path, capsys):
+    """Truncated copy, text file, plain state dict, another project's Lightning checkpoint: named, exit 2."""
+    before = snapshot(earlier_run)
+    ckpt = _last_ckpt(earlier_run)
+    truncated = tmp_path / "partial.ckpt"
+    data = ckpt.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    text = tmp_path / "readme.ckpt"
+    text.write_text("this is not a checkpoint\n")
+    plain = tmp_path / "plain.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, plain)
+    foreign = tmp_path / "other_project.ckpt"
+    torch.save({"state_dict": {"encoder.layer1.weight": torch.zeros(2)}, "pytorch-lightning_version": "2.0.0",
+                "epoch": 3, "global_step": 10}, foreign)
+    ckpt_cases = [
+        (truncated, ["--ckpt_path", "partial.ckpt cannot be read as a checkpoint", "truncated", "copy it again"]),
+        (text, ["readme.ckpt cannot be read as a checkpoint"]),
+        (plain, ["plain.pth is not a Lightning checkpoint", "a plain state dict of tensors", f"--model.weights={plain}"]),
+        (foreign, ["other_project.ckpt was not written by tlframe", "'encoder.layer1.weight'"]),
+    ]
+    for command in ("fit", "validate", "test", "predict"):
+        for path, expected in ckpt_cases:
+            line = tlframe_error(run_bad(capsys, [command, *synthetic_args(earlier_run, f"--ckpt_path={path}")]))
+            assert all(text in line for text in expected), (command, path, line)
+    for path in (truncated, text, foreign):
+        line = tlframe_error(run_bad(capsys, ["fit", *synthetic_args(earlier_run, f"--model.weights={path}")]))
+        assert str(path) in line and "weights" in line, line
+    assert {k: v for k, v in snapshot(earlier_run).items() if k in before} == before
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--model.lr=-1"], "lr=-1.0 must be a finite number > 0"),
+    (["--model.lr=nan"], "model.lr must be a float, got 'nan'"),  # the command line has no NaN ...
+    (["-c", "{nan_yaml}"], "lr=nan must be a finite number > 0"),  # ... but YAML has
+    (["--model.lr=1e400"], "lr=inf must be a finite number > 0"),
+    (["--model.weight_decay=-0.1"], "weight_decay=-0.1 must be a finite number >= 0"),
+    (["--model.strategy=tlframe.strategies.DANN", "--model.strategy.trade_off=-1"], "trade_off=-1.0 must be"),
+    (["--model.strategy=tlframe.strategies.MMD", "--model.strategy.alphas=[1.0,-2.0]"], "alphas[i]=-2.0 must be"),
+    (["--model.strategy.layer_decay=2"], "layer_decay must be in (0, 1], got 2"),
+    (["--model.strategy.label_smoothing=1.5"], "label_smoothing=1.5 must be a finite number >= 0 and < 1"),
+    (["--model.optimizer=torch.optim.Adam", "--model.optimizer.betas=[2.0,0.999]"], "Invalid beta parameter"),
+    (["--insights.max_samples=1"], "max_samples"),
+    (["--data.batch_size=0"], "batch_size=0 must be a positive integer"),
+    (["--data.image_size=0"], "image_size=0 must be a positive integer"),
+    (["--data.iters_per_epoch=0"], "iters_per_epoch=0 must be a positive integer"),
+])
+def test_values_out_of_range_are_one_line_naming_the_class_and_value(extra, expected, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    (tmp_path / "nan.yaml").write_text("model:\n  lr: .nan\n")
+    extra = [a.format(nan_yaml=tmp_path / "nan.yaml") for a in extra]
+    line = tlframe_error(run_bad(capsys, ["fit", *synthetic_args(runs, *extra)]))
+    assert expected in line, line
+    assert not list(runs.rglob("version_*"))  # rejected before anything was written
+
+
+def test_unwritable_output_folders_are_refused_before_anything_is_written(earlier_run, tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("keep me\n")
+    line = tlframe_error(run_bad(capsys, ["fit", *synthetic_args(a_file / "runs")]))
+    assert f"{a_file} is a file, not a folder" in line and "choose another folder" in line, line
+    ckpt = _last_ckpt(earlier_run)
+    line = tlframe_error(run_bad(capsys, ["predict", *synthetic_args(earlier_run, f"--ckpt_path={ckpt}",
+                                                                      f"--predictions.output_dir={a_file / 'p'}")]))
+    assert "predictions.output_dir" in line and "is a file, not a folder" in line, line
+    assert a_file.read_text() == "keep me\n"

@@ -96,6 +96,23 @@ def test_bad_sweep_files_exit_2_with_a_clear_message(tmp_path, capsys, spec, mes
     assert err.startswith("tlframe sweep: error:") and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("grid, message", [
+    ({"model.lrr": [0.1]}, "unknown option --model.lrr (on the command line): did you mean --model.lr"),
+    ({"model.strategy": ["tlframe.strategies.DAN"]}, "cannot import 'tlframe.strategies.DAN': did you mean "
+                                                     "tlframe.strategies.DANN"),
+    ({"s": {"dann": {"model.strategy": "tlframe.strategies.DANN", "model.strategy.init_args.trade_of": 0.3}}},
+     "DANN (model.strategy) has no argument 'trade_of'"),
+])
+def test_unknown_grid_keys_and_classes_stop_the_sweep_before_any_run(tmp_path, capsys, grid, message):
+    """One line naming the point and the name, exit 2, and no run folder: not N failed runs after a while."""
+    path = write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), "grid": grid, "seeds": [0, 1]})
+    assert sw.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlframe sweep: error: sweep file ") and "run '" in err and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_missing_sweep_file_and_bad_yaml_exit_2(tmp_path, capsys):
     assert sw.main([str(tmp_path / "nope.yaml")]) == 2
     (tmp_path / "bad.yaml").write_text("grid: [\n")

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from tlframe.backbones import BackboneError
 from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferInsights
 from tlframe.checks import ConfigError, check_checkpoint_file, check_writable_folder
-from tlframe.cli_errors import explain, parser_keys, subcommand_parser
+from tlframe.cli_errors import UnknownNameError, config_error, explain, parser_keys, subcommand_parser
 from tlframe.data import DataError, TransferDataModule
 from tlframe.module import CheckpointMismatchError, NonFiniteLossError, TransferModule
 
@@ -72,7 +72,7 @@ class TLFrameCLI(LightningCLI):
             argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
             command = argv[0] if argv and not argv[0].startswith("-") else None
             keys = parser_keys(subcommand_parser(parser, command))
-            raise ConfigError(explain(str(err), argv, keys, f"tlframe {command or ''}".strip())) from None
+            raise config_error(str(err), argv, keys, f"tlframe {command or ''}".strip()) from None
 
     def _parse_ckpt_path(self) -> None:
         """Check ``--ckpt_path`` before Lightning reads the hyperparameters in it (a truncated or foreign file
@@ -216,6 +216,38 @@ def error_message(err: BaseException) -> str:
     elif isinstance(err, FileNotFoundError) and "heckpoint" in text:
         text += ": pass an existing checkpoint, e.g. --ckpt_path=runs/<name>/version_N/checkpoints/last.ckpt."
     return text
+
+
+class _ParseOnly(TLFrameCLI):
+    """Parse a command's arguments without building or running anything (see :func:`unknown_name_error`)."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def unknown_name_error(args: list[str]) -> Optional[str]:
+    """The one-line error of ``tlframe <args>`` when they name a key, option or class that does not exist, else
+    None. Values are not judged here (a bad value fails its own run). ``tlframe sweep`` calls it for every grid
+    point before starting any run, so that a misspelled grid key stops the sweep at once."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _ParseOnly(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
+                       auto_configure_optimizers=False)
+    except UnknownNameError as err:
+        return str(err)
+    except Exception:  # noqa: BLE001 - any other problem is reported by the run itself
+        return None
+    return None
 
 
 def main(args: Optional[list[str]] = None) -> None:

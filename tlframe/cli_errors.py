@@ -20,7 +20,16 @@ import yaml
 
 from tlframe.checks import ConfigError
 
-__all__ = ["ConfigError", "explain", "parser_keys", "subcommand_parser"]
+__all__ = ["ConfigError", "UnknownNameError", "config_error", "explain", "parser_keys", "subcommand_parser"]
+
+
+class UnknownNameError(ConfigError):
+    """A key, option or class path that does not exist (as opposed to a value out of range or of a wrong type)."""
+
+
+#: jsonargparse messages about a name that does not exist: unknown options and keys, classes that do not import.
+_UNKNOWN_NAME = re.compile(r"is not accepted|unrecognized arguments|does not accept option|is not expected|"
+                           r"No action for key|has no attribute|No module named|either not accessible|Import path")
 
 
 def _closest(word: str, names: Sequence[str], n: int = 3) -> list[str]:
@@ -192,6 +201,14 @@ def explain(message: str, argv: Sequence[str], valid_keys: Sequence[str] = (), c
     lines = [ln.strip(" -") for ln in text.splitlines()
              if ln.strip() and not ln.strip().startswith(("Given value", "Subtypes", "Errors", "Does not validate"))]
     return " ".join(lines[:3])
+
+
+def config_error(message: str, argv: Sequence[str], valid_keys: Sequence[str] = (),
+                 command: str = "tlframe fit") -> ConfigError:
+    """:func:`explain` as an exception: :class:`UnknownNameError` when ``message`` is about a name that does not
+    exist (a misspelled key or class), else :class:`ConfigError`."""
+    kind = UnknownNameError if _UNKNOWN_NAME.search(message) else ConfigError
+    return kind(explain(message, argv, valid_keys, command))
 
 
 def parser_keys(parser) -> list[str]:

@@ -441,6 +441,22 @@ def _status(run: Run) -> str:
     return "unfinished" if run.run_dir.exists() else "not run"
 
 
+def check_grid_names(sweep: Sweep, runs: Sequence[Run]) -> None:
+    """Parse one run of every grid point as ``tlframe`` would, before any run starts: a key, option or class path
+    that does not exist (a misspelled grid key) stops the sweep with one line. Bad values are left to their run,
+    which fails and is recorded like any other failed run."""
+    from tlframe.cli import unknown_name_error
+
+    checked: set[str] = set()
+    for run in runs:
+        point = json.dumps(run.point, sort_keys=True)
+        if point not in checked:
+            checked.add(point)
+            error = unknown_name_error([run.command, *(a for c in run.configs for a in ("-c", c)), *run.args])
+            if error:
+                raise SweepError(f"sweep file {sweep.path}, run {run.label!r}: {error}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -449,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sweep = load_sweep(args.sweep_file, args.out)
         if args.index is not None and not 0 <= args.index < len(sweep.runs):
             raise SweepError(f"--index {args.index} is out of range: the sweep has runs 0..{len(sweep.runs) - 1}")
+        if not args.list:
+            check_grid_names(sweep, [sweep.runs[args.index]] if args.index is not None else sweep.runs)
     except SweepError as err:
         print(f"tlframe sweep: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
