@@ -248,13 +248,14 @@ def _images_per_step(setup: Setup, name: str) -> int:
 
 
 # --------------------------------------------------------------------------- tlframe through Lightning
-def run_tlframe(setup: Setup, name: str, bf16: bool, channels_last: bool) -> Measurement:
+def run_tlframe(setup: Setup, name: str, bf16: bool, channels_last: bool, compile: bool = False) -> Measurement:
     from pytorch_lightning.loggers import TensorBoardLogger
 
     timer = StepTimer(setup.device, setup.warmup, setup.steps)
     torch.manual_seed(0)
     model = TransferModule(setup.backbone, num_classes=setup.num_classes, strategy=STRATEGIES[name](),
-                           lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, channels_last=channels_last)
+                           lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, channels_last=channels_last,
+                           compile=compile)
     total = setup.warmup + setup.steps
     with tempfile.TemporaryDirectory() as tmp:
         trainer = pl.Trainer(
