@@ -188,6 +188,7 @@ def test_same_seed_and_config_give_identical_runs_with_config_versions_and_commi
         states.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"])
         info = json.loads((run / "run_info.json").read_text())
         assert (run / "config.yaml").is_file() and info["stage"] == "fit" and info["seed"] == 0
+        assert info["backbone"] == {"name": "dtn", "weights": {"kind": "random"}}  # the exact weight source
         assert info["packages"]["torch"] == torch.__version__.split("+")[0] and info["packages"]["tlframe"]
         git = info["git"]["tlframe"]
         assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))

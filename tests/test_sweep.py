@@ -207,6 +207,7 @@ def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path
     assert header.startswith("| rank | strategy | ") and "| val/source_acc |" in header
     assert "| val/target_snd |" in header and "oracle: max val/target_acc" in table  # validators are columns too
     assert table.count("| 1 | 1/1 |") == 4 and "| frozen_random |" in table
+    assert "| backbone weights |" in header and table.count(": random init |") == 4  # from each run's run_info.json
     csv_header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0]
     assert csv_header.startswith("strategy,") and "val/source_acc mean,val/source_acc std," in csv_header
 

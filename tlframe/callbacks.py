@@ -83,7 +83,8 @@ def environment_info() -> dict[str, Any]:
 
 class RunInfo(pl.Callback):
     """Save ``run_info.json`` (package versions, git commit and dirty flag of tlframe and of the
-    working directory, command line, seed, machine) into the run directory, next to the
+    working directory, command line, seed, machine, the backbone's weight source: timm tag, or weights
+    file with its SHA-256 and run) into the run directory, next to the
     ``config.yaml`` that the CLI saves; rank 0 only. Written atomically at the start of
     every ``fit``/``validate``/``test``/``predict``.
     """
@@ -92,6 +93,9 @@ class RunInfo(pl.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: read on every rank (see the module docstring)
         if trainer.is_global_zero and log_dir:
             info = {"stage": stage, **environment_info()}
+            source = getattr(pl_module, "weight_source", None)
+            if source is not None:
+                info["backbone"] = {"name": getattr(pl_module.hparams, "backbone", None), "weights": source}
             atomic_write_text(Path(log_dir) / "run_info.json", json.dumps(info, indent=2) + "\n")
 
 

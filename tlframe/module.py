@@ -16,7 +16,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
-from tlframe.backbones import create_backbone, data_config
+from tlframe.backbones import weight_source, create_backbone, data_config
 from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import FeatureCache
 from tlframe.heads import TransferHead
@@ -119,6 +119,8 @@ class TransferModule(pl.LightningModule):
             self.save_hyperparameters(ignore=[] if from_config else ["strategy", "optimizer", "scheduler"])
         self.backbone_id = f"{backbone} {sorted((backbone_kwargs or {}).items())}"
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights, **(backbone_kwargs or {}))
+        #: where the starting weights came from (timm tag, file + hash, checkpoint run): run_info.json records it
+        self.weight_source = weight_source(self.backbone, pretrained, weights)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         if compile:

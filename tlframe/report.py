@@ -111,6 +111,7 @@ class RunEntry:
     status: str                        # done | failed | unfinished | not run
     record: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    weights: str = ""                  # the backbone and its weight source, from the run's run_info.json
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -118,6 +119,20 @@ def _read_json(path: Path) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def weights_of_run(run_dir: Path) -> str:
+    """``"resnet50: timm resnet50.a1_in1k"`` (or a file and its hash, or random init) from ``run_info.json``."""
+    from tlframe.backbones import describe_weight_source
+
+    backbone = (_read_json(run_dir / "run_info.json") or {}).get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("weights"), dict):
+        return ""
+    return f"{backbone.get('name')}: {describe_weight_source(backbone['weights'])}"
+
+
+def row_weights(row: "Row") -> str:
+    return "; ".join(sorted({e.weights for e in row.entries if e.weights}))
 
 
 def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
@@ -144,6 +159,7 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
             entry = RunEntry(p["hash"], p["point"], p["seed"], "failed", failed, failed.get("error", ""))
         else:
             entry = RunEntry(p["hash"], p["point"], p["seed"], "unfinished" if run_dir.exists() else "not run")
+        entry.weights = weights_of_run(run_dir)
         entries.append(entry)
     return axes, entries
 
@@ -211,10 +227,13 @@ def runs_cell(row: Row) -> str:
 def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
                     decimals: int = 4, title: str = "", rank_by: Optional[str] = None) -> str:
     """The report: notes, the table (axes, metrics, runs), then the runs that did not finish."""
-    header = (["rank"] if rank_by else []) + list(axes) + [metric_title(m) for m in metrics] + ["n", "runs"]
+    weights = any(row_weights(r) for r in rows)  # runs that recorded their weight source (run_info.json)
+    header = ((["rank"] if rank_by else []) + list(axes) + (["backbone weights"] if weights else [])
+              + [metric_title(m) for m in metrics] + ["n", "runs"])
     body = []
     for i, row in enumerate(rows, 1):
         body.append(([str(i)] if rank_by else []) + [row.point.get(a, "") for a in axes]
+                    + ([row_weights(row)] if weights else [])
                     + [format_stat(row.values[m], stderr, decimals) for m in metrics] + [str(row.n), runs_cell(row)])
     lines = [f"# {title}" if title else "# Sweep report", "",
              f"Mean over seeds, {STDERR_NOTE if stderr else STD_NOTE}; n = finished runs (seeds) of the point. "
@@ -223,7 +242,7 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
         lines.append(f"Ranked by the mean of `{rank_by}`.")
     if ORACLE in metrics:
         lines.append(f"Not a valid result: the {ORACLE_NOTE}.")
-    lines += ["", markdown_table(header, body, left=len(axes) + bool(rank_by)), ""]
+    lines += ["", markdown_table(header, body, left=len(axes) + bool(rank_by) + weights), ""]
     bad = [e for r in rows for e in r.entries if e.status != "done"]
     if bad:
         lines += ["## Runs without a result", ""]
@@ -239,10 +258,12 @@ def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str],
     spread = "stderr" if stderr else "std"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*axes, *[f"{m} {s}" for m in metrics for s in ("mean", spread)],
+    weights = any(row_weights(r) for r in rows)
+    writer.writerow([*axes, *(["backbone_weights"] if weights else []), *[f"{m} {s}" for m in metrics
+                                                                          for s in ("mean", spread)],
                      "n", "failed", "unfinished", "not_run"])
     for row in rows:
-        cells: list[Any] = [row.point.get(a, "") for a in axes]
+        cells: list[Any] = [row.point.get(a, "") for a in axes] + ([row_weights(row)] if weights else [])
         for m in metrics:
             if row.values[m]:
                 mean, sp = mean_spread(row.values[m], stderr)

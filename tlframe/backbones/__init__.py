@@ -18,7 +18,7 @@ from torch import nn
 
 from tlframe.backbones import digits  # noqa: F401  (registers lenet, dtn, dann_cnn in timm)
 
-__all__ = ["BackboneError", "create_backbone", "load_backbone_weights", "backbone_stages", "data_config"]
+__all__ = ["BackboneError", "create_backbone", "load_backbone_weights", "backbone_stages", "data_config", "weight_source"]
 
 
 class BackboneError(ValueError):
@@ -54,6 +54,43 @@ def create_backbone(name: str, pretrained: bool = False, weights: Optional[str] 
     if weights is not None:
         load_backbone_weights(model, weights)
     return model
+
+
+def weight_source(model: nn.Module, pretrained: bool = False, weights: Optional[str] = None) -> dict[str, Any]:
+    """Where ``model``'s starting weights came from, exactly enough to tell two runs apart.
+
+    ``{"kind": "timm", "tag": "resnet50.a1_in1k", "hub": ...}`` for hub weights (timm's pretrained tag),
+    ``{"kind": "file", "path": ..., "sha256": ..., "bytes": ...}`` for a local weights file, plus ``"run"``
+    (the run folder) when the file is a tlframe checkpoint in ``<run>/checkpoints/``, else ``{"kind": "random"}``.
+    """
+    import hashlib
+
+    if weights is not None:
+        file = Path(weights).expanduser().resolve()
+        digest = hashlib.sha256()
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        out: dict[str, Any] = {"kind": "file", "path": str(file), "sha256": digest.hexdigest(),
+                               "bytes": file.stat().st_size}
+        if file.parent.name == "checkpoints":
+            out["run"] = str(file.parent.parent)
+        return out
+    if pretrained:
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        arch, tag = cfg.get("architecture"), cfg.get("tag")
+        return {"kind": "timm", "tag": f"{arch}.{tag}" if tag else arch, "hub": cfg.get("hf_hub_id") or cfg.get("url")}
+    return {"kind": "random"}
+
+
+def describe_weight_source(source: dict[str, Any]) -> str:
+    """One short string for tables: ``timm resnet50.a1_in1k``, ``file w.pth (sha256 1a2b3c4d5e6f)``, ``random init``."""
+    if source.get("kind") == "timm":
+        return f"timm {source.get('tag')}"
+    if source.get("kind") == "file":
+        where = f"run {Path(source['run']).name}/.../{Path(source['path']).name}" if source.get("run") else Path(source["path"]).name
+        return f"{where} (sha256 {str(source.get('sha256'))[:12]})"
+    return "random init"
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
