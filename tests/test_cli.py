@@ -192,7 +192,7 @@ def test_same_seed_and_config_give_identical_runs_with_config_versions_and_commi
         assert info["packages"]["torch"] == torch.__version__.split("+")[0] and info["packages"]["tlframe"]
         git = info["git"]["tlframe"]
         assert git is None or (len(git["commit"]) == 40 and isinstance(git["dirty"], bool))
-    assert outs[0] == outs[1] and len(outs[0]) == 9  # accuracy x2, loss x2, mean class acc x2, entropy, SND, A-distance
+    assert outs[0] == outs[1] and len(outs[0]) == 11  # accuracy x2, loss x2, mean class acc x2, entropy, SND, IM, DEV, A-distance
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 

@@ -4,7 +4,10 @@ Validators score a model on the **unlabelled** target evaluation split, so a che
 be chosen without target labels (``--checkpoint.monitor=val/target_snd --checkpoint.mode=max``):
 
 - :func:`prediction_entropy` (``val/target_entropy``, lower is better);
-- :func:`soft_neighborhood_density` (``val/target_snd``, higher is better).
+- :func:`soft_neighborhood_density` (``val/target_snd``, higher is better);
+- :func:`information_maximization` (``val/target_im``, lower is better);
+- :func:`deep_embedded_validation` (``val/target_dev``, lower is better), an importance-weighted
+  source validation loss (the only validator that also uses the labelled source split).
 
 Diagnostics (logged by :class:`tlframe.callbacks.TransferInsights`):
 
@@ -18,7 +21,7 @@ of batches (bottom-k sampling), gathered across DDP ranks like any torchmetrics 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,8 +31,9 @@ from torchmetrics.utilities import dim_zero_cat
 
 from tlframe.seeding import mix
 
-__all__ = ["prediction_entropy", "soft_neighborhood_density", "proxy_a_distance", "confusion_image", "RowSample",
-           "SoftNeighborhoodDensity"]
+__all__ = ["prediction_entropy", "soft_neighborhood_density", "information_maximization", "dev_risk",
+           "deep_embedded_validation", "proxy_a_distance", "confusion_image", "RowSample", "SoftNeighborhoodDensity",
+           "InformationMaximization", "DeepEmbeddedValidation"]
 
 
 def prediction_entropy(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -70,6 +74,119 @@ def soft_neighborhood_density(probs: torch.Tensor, temperature: float = 0.05) ->
     return -(p * logp).sum(dim=1).mean()
 
 
+def information_maximization(probs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Information maximisation (IM) validator of target predictions; a scalar, lower is better.
+
+    ``IM = 1/N sum_i H(p_i) - H(1/N sum_i p_i)`` for class probabilities ``p`` of shape
+    ``(N, C)`` (:func:`prediction_entropy`, nats): the mean entropy (confidence, lower is
+    better, as for ``val/target_entropy``) minus the entropy of the mean prediction
+    (diversity: higher diversity lowers IM). It is minus the mutual information between a
+    sample and its predicted class, so ``-log C <= IM <= 0``: ``0`` when every row is the same
+    (uniform, or confidently one class for all), ``-log C`` for confident one-hot predictions
+    spread evenly over all ``C`` classes. This is the sign convention of the IM loss of SHOT
+    (Liang, Hu, Feng, ICML 2020; after Krause, Perona, Gomes, NIPS 2010), used as a
+    validator by Musgrave, Belongie, Lim, "Benchmarking validation methods for unsupervised
+    domain adaptation" (2022). Example: ``[[1, 0], [0, 1]] -> -log 2``.
+    """
+    probs = probs.float()
+    return prediction_entropy(probs, eps).mean() - prediction_entropy(probs.mean(dim=0, keepdim=True), eps)[0]
+
+
+def dev_risk(weights: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    """The control-variate estimate of Deep Embedded Validation from importance weights and losses.
+
+    For ``N`` source validation samples with density ratios ``w_i = p_t(x_i) / p_s(x_i)`` and
+    losses ``l_i`` (shapes ``(N,), (N,) -> ()``, float64):
+
+    ``L_i = w_i l_i``, ``eta = -Cov(L, w) / Var(w)`` (unbiased, ``ddof = 1``),
+    ``DEV = mean(L) + eta mean(w) - eta``.
+
+    ``mean(L)`` estimates the target risk; ``E[w] = 1`` makes ``eta (mean(w) - 1)`` a
+    zero-mean control variate that cancels most of its variance (``get_dev_risk`` of
+    github.com/thuml/Deep-Embedded-Validation). Constant weights (``Var(w) = 0`` up to
+    rounding) give ``eta = 0``, i.e. ``mean(L)``. Fewer than 2 samples give NaN.
+    """
+    w, loss = weights.detach().double().flatten(), losses.detach().double().flatten()
+    if w.shape != loss.shape:
+        raise ValueError(f"dev_risk: {w.shape[0]} weights for {loss.shape[0]} losses.")
+    if w.numel() < 2:
+        return w.new_full((), float("nan"))
+    weighted = w * loss
+    cov = ((weighted - weighted.mean()) * (w - w.mean())).sum() / (w.numel() - 1)
+    var = w.var()
+    eta = torch.where(var > 1e-12 * w.mean().square(), -cov / var, torch.zeros_like(var))
+    return weighted.mean() + eta * w.mean() - eta
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, steps: int,
+                  weight_decay: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit ``P(y = 1 | x) = sigmoid(((x - mean) / std) @ w + b)`` (``mean``/``std`` of ``x``, L2
+    ``weight_decay`` on ``w``) full-batch with L-BFGS for ``steps`` iterations in ``x``'s dtype and device,
+    with gradients enabled also inside Lightning's inference mode; returns the logit function ``(M, D) -> (M,)``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.clone(), y.to(x.dtype).clone()
+        mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+        x = (x - mean) / std
+        w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
+        b = torch.zeros((), dtype=x.dtype, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(x @ w + b, y) + weight_decay * w.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda z: ((z.to(w.dtype) - mean) / std) @ w + b
+
+
+def deep_embedded_validation(source_features: torch.Tensor, source_losses: torch.Tensor,
+                             target_features: torch.Tensor, steps: int = 100, weight_decay: float = 1e-3,
+                             seed: int = 0) -> torch.Tensor:
+    """Deep Embedded Validation (DEV): importance-weighted source validation loss; a scalar, lower is better.
+
+    You, Wang, Chen, Long, Wang, "Towards Accurate Model Selection in Deep Unsupervised Domain
+    Adaptation", ICML 2019 (github.com/thuml/Deep-Embedded-Validation). Inputs: features
+    ``(N_s, D)`` and per-sample losses ``(N_s,)`` (cross-entropy) of labelled source
+    validation samples, target features ``(N_t, D)``; output a float64 scalar on the CPU.
+
+    1. A linear domain classifier (logistic regression, source = 1, target = 0 as in the
+       reference, L2 ``weight_decay``, standardised features) gives
+       ``s(x) = log P(source | x) / P(target | x)``. Two-fold cross-fitting: the source samples
+       are split in two seeded halves and each half is weighted by the classifier fitted on the
+       other half and all target samples, so no weight comes from a classifier that saw its
+       sample (the reference weights held-out source validation features likewise).
+    2. Density ratio ``w(x) = p_t(x) / p_s(x) = P(target | x) / P(source | x) * n_s / n_t =
+       exp(-s(x)) n_s / n_t`` (``n_s``, ``n_t``: the classifier's training counts), capped at
+       ``N_s`` (``E_s[w] = 1``, so one sample cannot stand for more than the whole sample; a
+       held-out point far outside the fitted range would otherwise overflow to ``inf``).
+    3. :func:`dev_risk` of ``w`` and the losses (control variate).
+
+    Identical domains give ``w ~ 1`` and DEV ~ the mean source loss; source samples that look
+    like the target weigh more. Separable domains give extreme weights and a noisy DEV (the
+    method's known weakness). Computed in float64 on the CPU (the same on every device);
+    cost: ``2 x steps`` L-BFGS iterations over ``(N_s / 2 + N_t) x D`` features. NaN for
+    fewer than 2 samples of either domain.
+    """
+    s = source_features.detach().to("cpu", torch.float64)
+    t = target_features.detach().to("cpu", torch.float64)
+    n_s, n_t = s.shape[0], t.shape[0]
+    if n_s < 2 or n_t < 2:
+        return torch.tensor(float("nan"), dtype=torch.float64)
+    fold = torch.randperm(n_s, generator=torch.Generator().manual_seed(seed)) % 2
+    log_w = torch.empty(n_s, dtype=torch.float64)
+    for k in (0, 1):
+        held, fit = fold == k, fold != k
+        n_fit = int(fit.sum())
+        logit = _fit_logistic(torch.cat([s[fit], t]), torch.cat([torch.ones(n_fit), torch.zeros(n_t)]), steps,
+                              weight_decay)
+        log_w[held] = -logit(s[held]) + math.log(n_fit / n_t)
+    weights = log_w.clamp(max=math.log(n_s)).exp()  # at most n_s: no sample stands for more than the whole sample
+    return dev_risk(weights, source_losses.detach().to("cpu", torch.float64))
+
+
 def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, steps: int = 100, weight_decay: float = 1e-3,
                      seed: int = 0) -> torch.Tensor:
     """Proxy A-distance ``2 (1 - 2 err)`` between two feature samples (Ben-David et al., NIPS 2007 / MLJ 2010).
@@ -89,26 +206,12 @@ def proxy_a_distance(source: torch.Tensor, target: torch.Tensor, steps: int = 10
         return source.new_full((), float("nan"))
     gen = torch.Generator().manual_seed(seed)
     pick = lambda x: x[torch.randperm(x.shape[0], generator=gen)[:n].to(x.device)]  # noqa: E731
-    with torch.inference_mode(False), torch.enable_grad():
-        x = torch.cat([pick(source), pick(target)]).float().clone()
-        y = torch.cat([x.new_zeros(n), x.new_ones(n)])
-        perm = torch.randperm(2 * n, generator=gen).to(x.device)
-        train, test = perm[: n], perm[n:]
-        mean, std = x[train].mean(0), x[train].std(0).clamp_min(1e-6)
-        x = (x - mean) / std
-        w = torch.zeros(x.shape[1], device=x.device, requires_grad=True)
-        b = torch.zeros((), device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(x[train] @ w + b, y[train]) + weight_decay * w.square().sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        with torch.no_grad():
-            err = ((x[test] @ w + b > 0).float() != y[test]).float().mean()
+    x = torch.cat([pick(source), pick(target)]).float()
+    y = torch.cat([x.new_zeros(n), x.new_ones(n)])
+    perm = torch.randperm(2 * n, generator=gen).to(x.device)
+    train, test = perm[: n], perm[n:]
+    logit = _fit_logistic(x[train], y[train], steps, weight_decay)
+    err = ((logit(x[test]) > 0).float() != y[test]).float().mean()
     return 2.0 * (1.0 - 2.0 * err)
 
 
@@ -277,3 +380,74 @@ class SoftNeighborhoodDensity(RowSample):
         if not rows:
             return torch.tensor(math.nan)
         return soft_neighborhood_density(rows["probs"], self.temperature)
+
+
+
+class InformationMaximization(Metric):
+    """:func:`information_maximization` of the softmax predictions of all rows passed to
+    ``update(logits)`` (``(N, C)`` logits): sums of the probabilities ``(C,)``, of the row
+    entropies and the row count, each summed across DDP ranks; ``compute`` gives
+    ``sum H(p_i) / N - H(sum p_i / N)`` (NaN before any row)."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("prob_sum", default=torch.zeros(num_classes), dist_reduce_fx="sum")
+        self.add_state("entropy_sum", default=torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor) -> None:  # type: ignore[override]
+        probs = logits.detach().float().softmax(dim=1)
+        self.prob_sum += probs.sum(dim=0)
+        self.entropy_sum += prediction_entropy(probs).sum()
+        self.count += probs.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        if int(self.count) == 0:
+            return self.entropy_sum.new_full((), math.nan)
+        mean = (self.prob_sum / self.count)[None]
+        return self.entropy_sum / self.count - prediction_entropy(mean)[0]
+
+
+class DeepEmbeddedValidation(Metric):
+    """:func:`deep_embedded_validation` of uniform samples (:class:`RowSample`, each at most
+    ``max_samples`` rows, gathered across DDP ranks) of the source validation rows
+    (``update("source", features, losses)``: ``(N, D)`` features, ``(N,)`` per-sample losses)
+    and the target rows (``update("target", features)``). ``compute`` runs on the CPU in
+    float64 (NaN until both domains have 2 rows) and returns a float32 scalar on the metric's device."""
+
+    full_state_update = False
+
+    def __init__(self, max_samples: int = 2000, steps: int = 100, weight_decay: float = 1e-3, seed: int = 0,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.steps, self.weight_decay, self.seed = int(steps), float(weight_decay), int(seed)
+        self.source = RowSample(("features", "losses"), max_samples, seed=mix(seed, 0), **kwargs)
+        self.target = RowSample(("features",), max_samples, seed=mix(seed, 1), **kwargs)
+
+    def update(self, domain: str, features: torch.Tensor,  # type: ignore[override]
+               losses: Optional[torch.Tensor] = None) -> None:
+        if domain == "source" and losses is not None:
+            self.source.update(features=features.float(), losses=losses.float())
+        elif domain == "target":
+            self.target.update(features=features.float())
+        else:
+            raise ValueError(f"DeepEmbeddedValidation.update: domain 'source' (with losses) or 'target', "
+                             f"got {domain!r}.")
+
+    def compute(self) -> torch.Tensor:
+        nan = torch.tensor(math.nan, device=self.device)
+        if not (self.source.update_called and self.target.update_called):
+            return nan
+        source, target = self.source.compute(), self.target.compute()  # each gathered across ranks
+        if not source or not target:
+            return nan
+        dev = deep_embedded_validation(source["features"], source["losses"], target["features"], steps=self.steps,
+                                       weight_decay=self.weight_decay, seed=self.seed)
+        return dev.float().to(self.device)
+
+    def reset(self) -> None:
+        super().reset()
+        self.source.reset()
+        self.target.reset()
