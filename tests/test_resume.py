@@ -71,4 +71,4 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
     for key, value in reference["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
-    assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 9  # with entropy, SND, A-distance
+    assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 11  # with entropy, SND, IM, DEV, A-distance
