@@ -32,6 +32,7 @@ from typing import Any, Optional
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.digits.rank_stats import weighted_kendall_tau  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
     REPO, Cell, RunResult, display_path, failures_section, machine_lines, regen_command, resolve_io, run_cell,
     run_cells, today, write_results,
@@ -68,33 +69,6 @@ TASKS: dict[str, tuple[list[str], set[str]]] = {
                    "--data.target=tlframe.data.MNISTDomain", f"--data.target.init_args.class_subset={HIGH}"], {"mnist"}),
 }
 SCORES = ("logme", "leep", "nce", "hscore", "reg_hscore")
-
-
-def weighted_kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
-    """Weighted Kendall's tau (Vigna 2015) with hyperbolic weights ``1 / (r + 1)``, additive, averaged over the
-    rankings by ``x`` and by ``y`` (``scipy.stats.weightedtau``'s defaults). Pairs tied in both are skipped.
-
-    ``tau = sum_{i<j} w_ij sgn(x_i - x_j) sgn(y_i - y_j) / sqrt(sum w_ij [x_i != x_j] * sum w_ij [y_i != y_j])``,
-    ``w_ij = w(r_i) + w(r_j)`` with ``r`` the 0-based rank in decreasing order.
-    """
-    n = len(x)
-    if n != len(y) or n < 2:
-        raise ValueError(f"weighted_kendall_tau needs two sequences of equal length >= 2, got {len(x)} and {len(y)}")
-
-    def one(primary, secondary) -> float:
-        order = sorted(range(n), key=lambda i: (primary[i], secondary[i]), reverse=True)
-        rank = {i: r for r, i in enumerate(order)}
-        num = dx = dy = 0.0
-        for i in range(n):
-            for j in range(i + 1, n):
-                w = 1 / (rank[i] + 1) + 1 / (rank[j] + 1)
-                sx, sy = (x[i] > x[j]) - (x[i] < x[j]), (y[i] > y[j]) - (y[i] < y[j])
-                num += w * sx * sy
-                dx += w * (sx != 0)
-                dy += w * (sy != 0)
-        return num / math.sqrt(dx * dy) if dx and dy else math.nan
-
-    return 0.5 * (one(x, y) + one(y, x))
 
 
 def zoo_cells(out: Path, data_root: Path, seed: int, extra: Sequence[str]) -> dict[str, Cell]:
