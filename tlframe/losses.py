@@ -1,8 +1,9 @@
 """The math of domain adaptation, as pure tensor functions.
 
-Reference semantics are those of the Transfer-Learning-Library (TLlib) DANN and DAN
-implementations, so that published numbers can be compared; every knowing difference is an
-option and documented here.
+Reference semantics are those of the Transfer-Learning-Library (TLlib): DANN, DAN, CDAN, JAN,
+MDD, MCC, BSP, AFN and CORAL, so that published numbers can be compared; every knowing
+difference is an option and documented here. Every loss is computed in float32 (float64 stays
+float64), also under autocast, and is vectorised over the batch.
 """
 
 from __future__ import annotations
@@ -13,7 +14,26 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
-__all__ = ["gradient_reverse", "warm_start_coefficient", "domain_adversarial_loss", "mk_mmd", "gaussian_kernel_sum"]
+__all__ = [
+    "gradient_reverse", "warm_start_coefficient", "domain_adversarial_loss", "mk_mmd", "gaussian_kernel_sum",
+    "entropy", "minimum_class_confusion", "multilinear_map", "randomized_multilinear_map", "cdan_entropy_weights",
+    "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
+]
+
+#: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
+TLLIB_ENTROPY_EPS = 1e-5
+
+
+def _loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise (bf16/fp16 inputs are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _prob_entropy(p: torch.Tensor, eps: float) -> torch.Tensor:
+    """Row entropies ``-sum_c p_c log(p_c + eps)`` of probabilities ``(N, C) -> (N,)``; exact for ``eps=0``."""
+    if eps > 0:
+        return -(p * torch.log(p + eps)).sum(dim=1)
+    return -torch.special.xlogy(p, p).sum(dim=1)
 
 
 class _GradientReverse(torch.autograd.Function):
@@ -47,20 +67,47 @@ def warm_start_coefficient(step: int, max_steps: int = 1000, alpha: float = 1.0,
     return float(2.0 * (hi - lo) / (1.0 + math.exp(-alpha * step / max_steps)) - (hi - lo) + lo)
 
 
-def domain_adversarial_loss(d_logits_s: torch.Tensor, d_logits_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def domain_adversarial_loss(d_logits_s: torch.Tensor, d_logits_t: torch.Tensor,
+                            weight_s: torch.Tensor | None = None,
+                            weight_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Domain discriminator loss on **logits**: ``0.5 * (BCE_mean(d_s, 1) + BCE_mean(d_t, 0))``.
 
     ``d_logits_s``: ``(N_s,)`` or ``(N_s, 1)``; ``d_logits_t``: ``(N_t,)`` or ``(N_t, 1)``; the
     sizes may differ. Uses ``binary_cross_entropy_with_logits`` (numerically stable, allowed
     under autocast, unlike sigmoid + BCE). Returns ``(loss, accuracy)`` where accuracy is the
     mean of the two per-domain accuracies, a sample counted as source when its logit is >= 0.
+
+    Optional per-sample weights ``weight_s`` ``(N_s,)`` / ``weight_t`` ``(N_t,)`` (any shape with
+    that many elements) make each domain's term the weighted mean ``1/N sum_i w_i bce_i`` (TLlib
+    ``DomainAdversarialLoss(w_s, w_t)``: ``F.binary_cross_entropy(weight=w, reduction="mean")``);
+    they are used as given (not detached here, not renormalised). ``None`` is weight 1. The
+    accuracy is never weighted. CDAN+E: weights from :func:`cdan_entropy_weights`; TLlib's CDAN
+    takes one weighted mean over the concatenated batch, ``sum_all w_i bce_i / (N_s + N_t)``,
+    which equals this 0.5-average when ``N_s == N_t`` (its example scripts' case).
     """
     d_s, d_t = d_logits_s.reshape(-1).float(), d_logits_t.reshape(-1).float()
-    loss_s = F.binary_cross_entropy_with_logits(d_s, torch.ones_like(d_s))
-    loss_t = F.binary_cross_entropy_with_logits(d_t, torch.zeros_like(d_t))
+    w_s = _bce_weight(weight_s, d_s, "weight_s")
+    w_t = _bce_weight(weight_t, d_t, "weight_t")
+    loss_s = F.binary_cross_entropy_with_logits(d_s, torch.ones_like(d_s), weight=w_s)
+    loss_t = F.binary_cross_entropy_with_logits(d_t, torch.zeros_like(d_t), weight=w_t)
     with torch.no_grad():
         acc = 0.5 * ((d_s >= 0).float().mean() + (d_t < 0).float().mean())
     return 0.5 * (loss_s + loss_t), acc
+
+
+def _bce_weight(weight: torch.Tensor | None, d: torch.Tensor, name: str) -> torch.Tensor | None:
+    if weight is None:
+        return None
+    if weight.numel() != d.numel():
+        raise ValueError(f"{name} has {weight.numel()} elements for {d.numel()} discriminator logits")
+    return weight.reshape(-1).to(d.dtype)
+
+
+def _pairwise_sq_dists(x: torch.Tensor) -> torch.Tensor:
+    """``||x_i - x_j||^2`` for all pairs, ``(M, D) -> (M, M)``, exact zeros on the diagonal."""
+    sq = (x * x).sum(dim=1)
+    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0)
+    return d2 - torch.diag_embed(torch.diagonal(d2))
 
 
 def gaussian_kernel_sum(x: torch.Tensor, alphas: Sequence[float]) -> torch.Tensor:
@@ -69,9 +116,7 @@ def gaussian_kernel_sum(x: torch.Tensor, alphas: Sequence[float]) -> torch.Tenso
     ``sigma_k^2 = alpha_k * mean_ij ||x_i - x_j||^2`` over the whole ``M x M`` matrix (diagonal
     included), detached from the graph (TLlib ``GaussianKernel(track_running_stats=True)``).
     """
-    sq = (x * x).sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)).clamp_min(0)
-    d2 = d2 - torch.diag_embed(torch.diagonal(d2))  # exact zeros on the diagonal
+    d2 = _pairwise_sq_dists(x)
     mean_d2 = d2.detach().mean()
     return sum(torch.exp(-d2 / (2.0 * alpha * mean_d2)) for alpha in alphas)
 
@@ -93,20 +138,224 @@ def mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, alphas: Sequence[float] = (0.12
     Computed in float32 (float64 stays float64), also under autocast. Returns a scalar.
     """
     n, m = f_s.shape[0], f_t.shape[0]
-    if n < 2 or m < 2:
-        raise ValueError(f"mk_mmd needs at least 2 samples per domain, got {n} source and {m} target")
-    if linear and n != m:
-        raise ValueError(f"the linear-time MMD estimator needs equal batch sizes, got {n} source and {m} target")
+    _check_mmd_sizes("mk_mmd", n, m, linear)
     dtype = torch.float64 if torch.float64 in (f_s.dtype, f_t.dtype) else torch.float32
     with torch.autocast(device_type=f_s.device.type, enabled=False):
         k = gaussian_kernel_sum(torch.cat([f_s, f_t]).to(dtype), alphas)
-        k_ss, k_tt, k_st = k[:n, :n], k[n:, n:], k[:n, n:]
-        if linear:
-            nxt = torch.roll(torch.arange(n, device=k.device), -1)
-            idx = torch.arange(n, device=k.device)
-            value = (k_ss[idx, nxt] + k_tt[idx, nxt] - k_st[idx, nxt] - k_st[nxt, idx]).mean()
-        else:
-            value = ((k_ss.sum() - k_ss.diagonal().sum()) / (n * (n - 1))
-                     + (k_tt.sum() - k_tt.diagonal().sum()) / (m * (m - 1))
-                     - 2.0 * k_st.mean())
-        return value + 2.0 / (n - 1) if offset else value
+        return _mmd_from_kernel(k, n, m, linear, offset)
+
+
+def _check_mmd_sizes(name: str, n: int, m: int, linear: bool) -> None:
+    if n < 2 or m < 2:
+        raise ValueError(f"{name} needs at least 2 samples per domain, got {n} source and {m} target")
+    if linear and n != m:
+        raise ValueError(f"the linear-time MMD estimator needs equal batch sizes, got {n} source and {m} target")
+
+
+def _mmd_from_kernel(k: torch.Tensor, n: int, m: int, linear: bool, offset: bool) -> torch.Tensor:
+    """The MMD^2 estimators of :func:`mk_mmd` from the joint ``(n + m, n + m)`` kernel matrix."""
+    k_ss, k_tt, k_st = k[:n, :n], k[n:, n:], k[:n, n:]
+    if linear:
+        nxt = torch.roll(torch.arange(n, device=k.device), -1)
+        idx = torch.arange(n, device=k.device)
+        value = (k_ss[idx, nxt] + k_tt[idx, nxt] - k_st[idx, nxt] - k_st[nxt, idx]).mean()
+    else:
+        value = ((k_ss.sum() - k_ss.diagonal().sum()) / (n * (n - 1))
+                 + (k_tt.sum() - k_tt.diagonal().sum()) / (m * (m - 1))
+                 - 2.0 * k_st.mean())
+    return value + 2.0 / (n - 1) if offset else value
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean prediction entropy ``1/N sum_i H(softmax(logits_i))``, ``H(p) = -sum_c p_c log p_c``.
+
+    ``logits``: ``(N, C)``; returns a scalar (entropy minimisation: add ``+ weight * entropy``).
+    Exact, from ``log_softmax`` (finite for any finite logits). TLlib's ``entropy`` helper works on
+    probabilities with a shift, ``-sum_c p_c log(p_c + 1e-5)`` (smaller by up to about ``C * 1e-5``);
+    the MCC and CDAN+E weights below use that shifted form, as TLlib does.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        log_p = F.log_softmax(logits.to(_loss_dtype(logits)), dim=1)
+        return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def minimum_class_confusion(logits: torch.Tensor, temperature: float = 2.5, *,
+                            eps: float = TLLIB_ENTROPY_EPS) -> torch.Tensor:
+    """Minimum Class Confusion loss (Jin et al., ECCV 2020; TLlib ``MinimumClassConfusionLoss``).
+
+    ``logits``: target logits ``(N, C)``; returns a scalar in ``[0, (C - 1) / C]``.
+
+    - ``p_i = softmax(logits_i / T)``;
+    - ``w_i = 1 + exp(-H(p_i))`` with TLlib's shifted entropy ``H(p) = -sum_c p_c log(p_c + eps)``,
+      detached, rescaled to ``N w_i / sum_j w_j`` (the weights sum to ``N``);
+    - ``Conf = sum_i w_i p_i p_i^T`` ``(C, C)``, each row divided by its row sum;
+    - loss ``(sum(Conf) - trace(Conf)) / C``.
+
+    TLlib writes ``Conf / Conf.sum(dim=1)``, which by broadcasting divides *columns*; ``Conf`` is
+    symmetric, so the loss (``1 - sum_c Conf_cc / r_c / C``) is the same function either way.
+    ``eps=0`` uses the exact entropy in the weights.
+    """
+    n, c = logits.shape
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        p = F.softmax(logits.to(_loss_dtype(logits)) / temperature, dim=1)
+        w = 1.0 + torch.exp(-_prob_entropy(p.detach(), eps))
+        w = n * w / w.sum()
+        conf = (p * w[:, None]).T @ p
+        conf = conf / conf.sum(dim=1, keepdim=True)
+        return (conf.sum() - torch.trace(conf)) / c
+
+
+def multilinear_map(f: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """CDAN's multilinear conditioning ``T(f, g) = g (x) f``: ``(N, F), (N, C) -> (N, C * F)``.
+
+    Element ``[n, c * F + j] = probs[n, c] * f[n, j]`` (class-major flattening of the outer
+    product, TLlib ``MultiLinearMap``). Pass ``softmax(logits).detach()`` as ``probs`` as CDAN does.
+    Computed in float32 (float64 stays float64), also under autocast.
+    """
+    if f.shape[0] != probs.shape[0]:
+        raise ValueError(f"multilinear_map: {f.shape[0]} feature rows for {probs.shape[0]} probability rows")
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        dtype = _loss_dtype(f, probs)
+        return (probs.to(dtype)[:, :, None] * f.to(dtype)[:, None, :]).reshape(f.shape[0], -1)
+
+
+def randomized_multilinear_map(f: torch.Tensor, probs: torch.Tensor, rf: torch.Tensor,
+                               rg: torch.Tensor) -> torch.Tensor:
+    """CDAN's randomized multilinear map ``(f @ rf) * (probs @ rg) / sqrt(D)``: ``-> (N, D)``.
+
+    ``f`` ``(N, F)``, ``probs`` ``(N, C)``; ``rf`` ``(F, D)`` and ``rg`` ``(C, D)`` are fixed random
+    matrices drawn once (TLlib: standard normal, ``D = 1024``) and kept with the model.
+    Computed in float32 (float64 stays float64), also under autocast.
+    """
+    if rf.shape[1] != rg.shape[1]:
+        raise ValueError(f"randomized_multilinear_map: rf has {rf.shape[1]} columns and rg {rg.shape[1]}")
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        dtype = _loss_dtype(f, probs, rf, rg)
+        return (f.to(dtype) @ rf.to(dtype)) * (probs.to(dtype) @ rg.to(dtype)) / math.sqrt(rf.shape[1])
+
+
+def cdan_entropy_weights(probs_s: torch.Tensor, probs_t: torch.Tensor, *,
+                         eps: float = TLLIB_ENTROPY_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """CDAN+E entropy conditioning: per-sample weights ``(N_s,), (N_t,)`` for :func:`domain_adversarial_loss`.
+
+    ``w_i = 1 + exp(-H(p_i))`` on the concatenated batch, ``H(p) = -sum_c p_c log(p_c + eps)``
+    (TLlib's shifted entropy), detached, then ``w * (N_s + N_t) / sum(w)``: the weights of both
+    domains *together* sum to ``N_s + N_t`` (TLlib ``ConditionalDomainAdversarialLoss``).
+    ``probs``: softmax probabilities ``(N, C)``. Confident samples weigh more (up to 2 before the
+    rescaling). ``eps=0`` uses the exact entropy.
+    """
+    n_s = probs_s.shape[0]
+    with torch.autocast(device_type=probs_s.device.type, enabled=False):
+        p = torch.cat([probs_s, probs_t]).detach().to(_loss_dtype(probs_s, probs_t))
+        w = 1.0 + torch.exp(-_prob_entropy(p, eps))
+        w = w / w.sum() * p.shape[0]
+        return w[:n_s], w[n_s:]
+
+
+def margin_disparity_discrepancy(logits_s: torch.Tensor, logits_s_adv: torch.Tensor, logits_t: torch.Tensor,
+                                 logits_t_adv: torch.Tensor, margin: float = 4.0) -> torch.Tensor:
+    """Margin Disparity Discrepancy for classification (Zhang et al., ICML 2019; TLlib
+    ``ClassificationMarginDisparityDiscrepancy``, ``reduction="mean"``).
+
+    With ``a_s = argmax(logits_s)``, ``a_t = argmax(logits_t)`` (no gradient) and the adversarial
+    head's logits ``(N_s, C)`` / ``(N_t, C)``::
+
+        mdd = mean_i[-margin * CE(logits_s_adv_i, a_s_i)]
+              + mean_j[log(min(1 - softmax(logits_t_adv_j)[a_t_j] + 1e-6, 1))]
+
+    Sign convention (TLlib's example): the training loss is ``cls - trade_off * mdd``, with the
+    adversarial head behind a gradient reversal, so the head maximises ``mdd`` and the features
+    minimise it. TLlib averages ``source_i + target_i`` elementwise, which needs ``N_s == N_t``
+    and then equals the sum of the two means taken here; the two means also allow ``N_s != N_t``.
+    """
+    with torch.autocast(device_type=logits_s.device.type, enabled=False):
+        dtype = _loss_dtype(logits_s_adv, logits_t_adv)
+        a_s = logits_s.detach().argmax(dim=1)
+        a_t = logits_t.detach().argmax(dim=1)
+        source = -margin * F.cross_entropy(logits_s_adv.to(dtype), a_s)
+        p_t = F.softmax(logits_t_adv.to(dtype), dim=1).gather(1, a_t[:, None]).squeeze(1)
+        target = torch.log(torch.clamp(1.0 - p_t + 1e-6, max=1.0)).mean()
+        return source + target
+
+
+def joint_mk_mmd(f_s: torch.Tensor, f_t: torch.Tensor, probs_s: torch.Tensor, probs_t: torch.Tensor,
+                 alphas: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0), prob_sigma: float = 0.92,
+                 linear: bool = False, offset: bool = True) -> torch.Tensor:
+    """Joint MMD^2 of JAN (Long et al., ICML 2017; TLlib ``JointMultipleKernelMaximumMeanDiscrepancy``).
+
+    ``f_s`` ``(N, D)``, ``f_t`` ``(M, D)``, ``probs_s`` ``(N, C)``, ``probs_t`` ``(M, C)`` (softmax
+    probabilities, not detached in TLlib's example). Joint kernel on the concatenated batch::
+
+        k((f, p), (f', p')) = gaussian_kernel_sum(f, alphas) * exp(-||p - p'||^2 / (2 prob_sigma^2))
+
+    the feature bandwidths as :func:`mk_mmd` (``alpha * mean ||f_i - f_j||^2``, detached), the
+    probability kernel with the fixed ``sigma = 0.92`` (TLlib ``GaussianKernel(sigma=0.92,
+    track_running_stats=False)``). Estimators (``linear``) and the ``2 / (N - 1)`` ``offset`` exactly
+    as :func:`mk_mmd`, which it equals when all probabilities are equal. Returns a scalar.
+    """
+    n, m = f_s.shape[0], f_t.shape[0]
+    _check_mmd_sizes("joint_mk_mmd", n, m, linear)
+    if probs_s.shape[0] != n or probs_t.shape[0] != m:
+        raise ValueError(f"joint_mk_mmd: probabilities have {probs_s.shape[0]} and {probs_t.shape[0]} rows, "
+                         f"features {n} and {m}")
+    dtype = _loss_dtype(f_s, f_t, probs_s, probs_t)
+    with torch.autocast(device_type=f_s.device.type, enabled=False):
+        k = gaussian_kernel_sum(torch.cat([f_s, f_t]).to(dtype), alphas)
+        d2_p = _pairwise_sq_dists(torch.cat([probs_s, probs_t]).to(dtype))
+        k = k * torch.exp(-d2_p / (2.0 * prob_sigma * prob_sigma))
+        return _mmd_from_kernel(k, n, m, linear, offset)
+
+
+def batch_spectral_penalty(f_s: torch.Tensor, f_t: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Batch Spectral Penalization (Chen et al., ICML 2019; TLlib ``BatchSpectralPenalizationLoss``).
+
+    ``sum_{i<=k} sigma_i(f_s)^2 + sum_{i<=k} sigma_i(f_t)^2``, the k largest singular values of
+    each domain's raw (uncentred) feature matrix ``(N, D)``. TLlib hard-codes ``k = 1``.
+    """
+    if k < 1:
+        raise ValueError(f"batch_spectral_penalty needs k >= 1, got {k}")
+    with torch.autocast(device_type=f_s.device.type, enabled=False):
+        dtype = _loss_dtype(f_s, f_t)
+        sv_s = torch.linalg.svdvals(f_s.to(dtype))
+        sv_t = torch.linalg.svdvals(f_t.to(dtype))
+        return (sv_s[:k] ** 2).sum() + (sv_t[:k] ** 2).sum()
+
+
+def adaptive_feature_norm(f: torch.Tensor, delta: float = 1.0) -> torch.Tensor:
+    """Stepwise Adaptive Feature Norm (Xu et al., ICCV 2019; TLlib ``AdaptiveFeatureNorm``).
+
+    ``mean_i (||f_i|| - (||f_i||.detach() + delta))^2`` for features ``(N, D)`` (L2 norm over
+    dim 1). The value is always ``delta^2``; the gradient ``-2 delta / N * f_i / ||f_i||`` makes a
+    descent step grow every norm. Apply to each domain's features (TLlib sums the two).
+    """
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        norm = torch.linalg.vector_norm(f.to(_loss_dtype(f)), ord=2, dim=1)
+        return ((norm - (norm.detach() + delta)) ** 2).mean()
+
+
+def coral(f_s: torch.Tensor, f_t: torch.Tensor, scale: str = "tllib") -> torch.Tensor:
+    """Deep CORAL (Sun & Saenko, ECCV 2016 workshops) between ``f_s`` ``(N, D)`` and ``f_t`` ``(M, D)``.
+
+    Unbiased covariances ``C = (f - mean)^T (f - mean) / (n - 1)`` of each domain.
+
+    - ``scale="tllib"`` (TLlib ``CorrelationAlignmentLoss``, as its code computes it):
+      ``mean_j (mu_s - mu_t)_j^2 + mean_jk (C_s - C_t)_jk^2``, i.e. a mean term plus
+      ``||C_s - C_t||_F^2 / D^2`` (TLlib's docstring states the paper's formula; its code does this).
+    - ``scale="paper"``: the paper's ``||C_s - C_t||_F^2 / (4 D^2)``, covariances only, a quarter of
+      TLlib's covariance term.
+    """
+    if scale not in ("tllib", "paper"):
+        raise ValueError(f"coral: scale must be 'tllib' or 'paper', got {scale!r}")
+    n, m = f_s.shape[0], f_t.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"coral needs at least 2 samples per domain, got {n} source and {m} target")
+    with torch.autocast(device_type=f_s.device.type, enabled=False):
+        dtype = _loss_dtype(f_s, f_t)
+        xs, xt = f_s.to(dtype), f_t.to(dtype)
+        mean_s, mean_t = xs.mean(dim=0, keepdim=True), xt.mean(dim=0, keepdim=True)
+        cs, ct = xs - mean_s, xt - mean_t
+        cov_diff = cs.T @ cs / (n - 1) - ct.T @ ct / (m - 1)
+        if scale == "paper":
+            d = xs.shape[1]
+            return (cov_diff ** 2).sum() / (4.0 * d * d)
+        return ((mean_s - mean_t) ** 2).mean() + (cov_diff ** 2).mean()
