@@ -140,3 +140,66 @@ def test_plot_writes_a_png(tmp_path):
     assert report.main([str(sweep), "--metric", "val/target_acc", "--plot", "lr"]) == 0
     png = tmp_path / "report.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def make_baseline_sweep(root: Path) -> Path:
+    """Two adapted points (near, far) x seeds 0-2, each with a source-only sibling, and one target-only sibling per
+    seed shared by both. val/target_acc: near beats both baselines; far is below target-only on every seed."""
+    acc = {"near": [0.90, 0.92, 0.91], "far": [0.60, 0.70, 0.65], "so_near": [0.80, 0.81, 0.79],
+           "so_far": [0.62, 0.60, 0.75], "to": [0.85, 0.86, 0.84]}
+    runs = []
+
+    def add(name, point, seed, **extra):
+        h = f"{name}{seed}"
+        runs.append({"hash": h, "index": len(runs), "point": point, "seed": seed, **extra})
+        (root / "runs" / h).mkdir(parents=True)
+        (root / "runs" / h / "done.json").write_text(json.dumps({"scalars": {"val/target_acc": _stats([acc[name][seed]])}}))
+
+    for task in ("near", "far"):
+        for seed in range(3):
+            add(task, {"task": task, "baseline": ""}, seed, baselines={"source_only": f"so_{task}{seed}", "target_only": f"to{seed}"})
+    for task in ("near", "far"):
+        for seed in range(3):
+            add(f"so_{task}", {"task": task, "baseline": "source_only"}, seed, baseline="source_only")
+    for seed in range(3):
+        add("to", {"task": "*", "baseline": "target_only"}, seed, baseline="target_only")
+    (root / "sweep.json").write_text(json.dumps({"axes": ["task", "baseline"], "seeds": [0, 1, 2], "runs": runs}))
+    return root
+
+
+def test_runs_are_compared_with_their_baselines_seed_by_seed(tmp_path):
+    axes, entries = report.collect(make_baseline_sweep(tmp_path))
+    rows = report.aggregate(axes, entries, ["val/target_acc"])
+    comps = report.compare_to_baselines(rows, entries, "val/target_acc")
+    near, far = comps[0], comps[1]
+    assert all(c == {} for c in comps[2:])  # baseline rows compare with nothing
+    assert near["source_only"].diffs == pytest.approx([0.10, 0.11, 0.12]) and not near["source_only"].hurt
+    assert near["source_only"].beyond_spread  # +0.11 against a seed spread of 0.01
+    assert far["target_only"].diffs == pytest.approx([-0.25, -0.16, -0.19]) and far["target_only"].hurt
+    assert far["target_only"].beyond_spread  # -0.2 against a spread of 0.05
+    assert far["source_only"].mean == pytest.approx(-0.02 / 3) and far["source_only"].hurt
+    assert far["source_only"].spread == pytest.approx(statistics.stdev([0.62, 0.60, 0.75]))
+    assert far["source_only"].beyond_spread is False  # -0.007 is seed noise here
+    assert far["target_only"].std == pytest.approx(statistics.stdev([-0.25, -0.16, -0.19]))
+
+
+def test_report_flags_negative_transfer(tmp_path, capsys):
+    sweep_dir = make_baseline_sweep(tmp_path)
+    assert report.main([str(sweep_dir), "--decimals", "3"]) == 0
+    text = (sweep_dir / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| task |"))
+    assert "| vs source-only | vs target-only |" in header
+    far = next(line for line in text.splitlines() if line.startswith("| far |  |"))
+    assert "| -0.200 ± 0.046 (n=3) **hurt**, beyond spread |" in far
+    assert "**negative transfer**: task=far: -0.200 against target-only (hurt in 3/3 seeds; beyond the seed spread" in text
+    assert "**worse than without adaptation**: task=far: -0.007 against source-only (hurt in 2/3 seeds; within" in text
+    assert "task=near" not in text.split("## Transfer against its baselines")[1]
+    rows = list(csv.DictReader(io.StringIO((sweep_dir / "report.csv").read_text())))
+    assert rows[1]["task"] == "far" and rows[1]["vs_target_only hurt"] == "True"
+    assert float(rows[1]["vs_target_only mean"]) == pytest.approx(-0.2) and rows[1]["vs_target_only n"] == "3"
+    assert rows[0]["vs_source_only beyond_spread"] == "True" and rows[2]["vs_source_only mean"] == ""
+
+
+def test_baseline_metric_needs_a_sweep_with_baselines(tmp_path, capsys):
+    assert report.main([str(make_sweep(tmp_path)), "--baseline-metric", "val/target_acc"]) == 2
+    assert "declare no baselines: add 'baselines:' to the sweep file" in capsys.readouterr().err

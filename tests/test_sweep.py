@@ -74,6 +74,30 @@ def test_grid_variants_seeds_expand_in_order_with_stable_hashes(tmp_path):
     assert info["hash"] == first.hash and info["point"] == first.point and "--seed_everything=0" in info["command_line"]
 
 
+def test_baselines_are_derived_shared_between_points_and_reuse_planned_runs(tmp_path):
+    spec = quick_spec(tmp_path / "out", grid={"model.strategy": ["tlframe.strategies.DANN", "tlframe.strategies.FineTune"]},
+                      seeds=[0, 1], baselines={"source_only": {}, "target_only": {"labels_per_class": 5}})
+    sweep = sw.load_sweep(write_sweep(tmp_path, spec))
+    planned, siblings = sweep.runs[:4], sweep.runs[4:]
+    dann = [r for r in planned if r.point["model.strategy"] == "tlframe.strategies.DANN"]
+    finetune = [r for r in planned if r.point["model.strategy"] == "tlframe.strategies.FineTune"]
+    # DANN's source-only sibling is the FineTune point of the grid (same config): no extra run
+    assert [r.baselines["source_only"] for r in dann] == [r.hash for r in finetune]
+    assert all("source_only" not in r.baselines for r in finetune)  # FineTune is its own source-only result
+    # one target-only run per seed, shared by both points
+    assert [(s.baseline, s.seed, s.point) for s in siblings] == [
+        ("target_only", seed, {"model.strategy": "*", "baseline": "target_only"}) for seed in (0, 1)]
+    assert [r.baselines["target_only"] for r in planned] == [siblings[0].hash, siblings[1].hash] * 2
+    assert sweep.axes == ["model.strategy", "baseline"]
+    sweep.write_manifest()
+    config = yaml.safe_load(Path(siblings[0].configs[0]).read_text())
+    assert config["data"]["source"]["init_args"]["style"] == "target" and config["data"]["source_samples_per_class"] == 5
+    manifest = json.loads((tmp_path / "out" / "sweep.json").read_text())["runs"]
+    assert manifest[0]["baselines"] == planned[0].baselines and manifest[4]["baseline"] == "target_only"
+    # the sibling is identified by the content of its config: same hashes when the sweep is loaded again
+    assert [r.hash for r in sw.load_sweep(write_sweep(tmp_path, spec)).runs] == [r.hash for r in sweep.runs]
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"bsae": "x.yaml"}, "unknown key(s) ['bsae']"),
     ({"grid": {}}, "grid is empty"),
@@ -86,6 +110,10 @@ def test_grid_variants_seeds_expand_in_order_with_stable_hashes(tmp_path):
     ({"command": "train"}, "command must be one of"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, "variant names must be unique"),
     ({"grid": {"model.lr": [0.1, "0.1"]}}, "have the same arguments"),
+    ({"baselines": ["source_ony"]}, "unknown baseline 'source_ony'; use ['source_only', 'target_only']"),
+    ({"baselines": {"target_only": {"labels_per_class": 0}}}, "labels_per_class must be a positive integer or null"),
+    ({"baselines": {"source_only": {"labels_per_class": 5}}}, "source_only has unknown option(s) ['labels_per_class']"),
+    ({"baselines": ["source_only"], "grid": {"baseline": [1]}}, "rename the grid axis 'baseline'"),
 ])
 def test_bad_sweep_files_exit_2_with_a_clear_message(tmp_path, capsys, spec, message):
     path = write_sweep(tmp_path, {**quick_spec(tmp_path / "out"), **spec})
@@ -210,6 +238,27 @@ def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path
     assert "| backbone weights |" in header and table.count(": random init |") == 4  # from each run's run_info.json
     csv_header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0]
     assert csv_header.startswith("strategy,") and "val/source_acc mean,val/source_acc std," in csv_header
+
+
+def test_a_sweep_with_baselines_runs_them_and_the_report_compares(tmp_path):
+    """The user's path: tlframe sweep with baselines (one DANN point), then tlframe report; open what they wrote."""
+    spec = quick_spec(tmp_path / "out", args=[*QUICK, "--model.strategy=tlframe.strategies.DANN"],
+                      baselines={"source_only": {}, "target_only": {"labels_per_class": 4}})
+    path = write_sweep(tmp_path, spec)
+    result = tlframe("sweep", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 runs (0 already done)" in result.stdout and "baseline=target_only" in result.stdout
+    runs = sw.load_sweep(path).runs
+    configs = [yaml.safe_load((r.run_dir / "config.yaml").read_text()) for r in runs]
+    assert [c["model"]["strategy"]["class_path"].rsplit(".", 1)[1] for c in configs] == ["DANN", "FineTune", "FineTune"]
+    assert [c["data"]["source"]["init_args"]["style"] for c in configs] == ["source", "source", "target"]
+    assert configs[2]["data"]["source_samples_per_class"] == 4 and configs[2]["data"]["target"] == configs[0]["data"]["target"]
+    report = tlframe("report", str(tmp_path / "out"), cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "| vs source-only | vs target-only |" in table and "## Transfer against its baselines (`val/target_acc`)" in table
+    row = next(line for line in table.splitlines() if line.startswith("| *DANN") or line.startswith("|  | "))
+    assert row.count("(n=1)") == 2  # one seed: a difference per baseline, no spread
 
 
 def test_layer_transfer_real_mnist_3_steps(shared_data, tmp_path):

@@ -250,6 +250,20 @@ def unknown_name_error(args: list[str]) -> Optional[str]:
     return None
 
 
+def resolved_config(args: list[str]) -> dict:
+    """The full config that ``tlframe <args>`` would run (every default filled in, as the run's ``config.yaml``),
+    without building anything. Bad input raises :class:`~tlframe.checks.ConfigError` (one line)."""
+    import yaml
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = _ParseOnly(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
+                         auto_configure_optimizers=False)
+    command = cli.subcommand
+    config = cli.config[command] if command else cli.config
+    return yaml.safe_load(cli._parser(command).dump(config, skip_none=False))
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Run the CLI. Bad input (data, backbone, weights, checkpoint, trainer settings) ends with its message
     and exit code 2, a non-finite loss with exit code 3: a message that names the problem and the fix, no traceback.

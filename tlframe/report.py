@@ -112,6 +112,8 @@ class RunEntry:
     record: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     weights: str = ""                  # the backbone and its weight source, from the run's run_info.json
+    baseline: str = ""                 # a baseline sibling: its kind (source_only, target_only)
+    baselines: dict[str, str] = field(default_factory=dict)  # kind -> hash of this run's baseline sibling
 
 
 def _read_json(path: Path) -> Optional[dict[str, Any]]:
@@ -160,6 +162,7 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
         else:
             entry = RunEntry(p["hash"], p["point"], p["seed"], "unfinished" if run_dir.exists() else "not run")
         entry.weights = weights_of_run(run_dir)
+        entry.baseline, entry.baselines = p.get("baseline", ""), dict(p.get("baselines") or {})
         entries.append(entry)
     return axes, entries
 
@@ -224,17 +227,124 @@ def runs_cell(row: Row) -> str:
     return f"{row.n}/{total}" + (f"; {', '.join(others)}" if others else "")
 
 
+# --------------------------------------------------------------------------- negative transfer
+BASELINE_TITLES = {"source_only": "vs source-only", "target_only": "vs target-only"}
+BASELINE_NOTE = ("vs source-only / vs target-only: the mean over seeds of (this run - its baseline run with the same "
+                 "seed) in `{metric}`, ± the sample std of those differences; **hurt** when the mean is below 0 "
+                 "(transfer did worse than the baseline: negative transfer when the baseline is target-only), "
+                 "\"beyond spread\" when the mean difference is larger than the seed spread (the larger sample std "
+                 "of the two runs' values over seeds), \"within spread\" otherwise")
+
+
+@dataclass
+class Comparison:
+    """A row against one of its baselines, seed by seed."""
+
+    kind: str
+    diffs: list[float]                 # this run - baseline run, per seed where both finished
+    values: list[float]                # this row's values of those seeds
+    baseline_values: list[float]       # the baseline's values of those seeds
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.diffs) if len(self.diffs) > 1 else None
+
+    @property
+    def hurt(self) -> bool:
+        return self.mean < 0
+
+    @property
+    def spread(self) -> Optional[float]:
+        """The seed spread: the larger sample std of the two sides (``None`` with one seed)."""
+        if len(self.diffs) < 2:
+            return None
+        return max(statistics.stdev(self.values), statistics.stdev(self.baseline_values))
+
+    @property
+    def beyond_spread(self) -> Optional[bool]:
+        return None if self.spread is None else abs(self.mean) > self.spread
+
+    def cell(self, decimals: int) -> str:
+        text = f"{self.mean:+.{decimals}f}" + (f" ± {self.std:.{decimals}f}" if self.std is not None else "")
+        text += f" (n={len(self.diffs)})" + (" **hurt**" if self.hurt else "")
+        if self.beyond_spread is not None:
+            text += ", beyond spread" if self.beyond_spread else ", within spread"
+        return text
+
+
+def baseline_metric(entries: Sequence[RunEntry]) -> Optional[str]:
+    """The metric transfer is judged on: ``val/target_acc``, else ``test/target_acc`` (what the runs logged)."""
+    logged = {t for e in entries if e.status == "done" for t in e.record.get("scalars", {})}
+    return next((m for m in ("val/target_acc", "test/target_acc") if m in logged), None)
+
+
+def compare_to_baselines(rows: Sequence[Row], entries: Sequence[RunEntry], metric: str) -> list[dict[str, Comparison]]:
+    """Per row, ``kind -> Comparison`` for each baseline its runs declare (empty for baseline rows)."""
+    by_hash = {e.hash: e for e in entries}
+    out = []
+    for row in rows:
+        found: dict[str, Comparison] = {}
+        for kind in dict.fromkeys(k for e in row.entries for k in e.baselines):
+            comp = Comparison(kind, [], [], [])
+            for e in row.entries:
+                sibling = by_hash.get(e.baselines.get(kind, ""))
+                if e.status != "done" or sibling is None or sibling.status != "done":
+                    continue
+                a, b = metric_value(e.record, metric), metric_value(sibling.record, metric)
+                if a is not None and b is not None:
+                    comp.diffs.append(a - b)
+                    comp.values.append(a)
+                    comp.baseline_values.append(b)
+            if comp.diffs:
+                found[kind] = comp
+        out.append(found)
+    return out
+
+
+def baseline_kinds(comparisons: Sequence[dict[str, Comparison]]) -> list[str]:
+    return [k for k in BASELINE_TITLES if any(k in c for c in comparisons)]
+
+
+def negative_transfer_lines(rows: Sequence[Row], comparisons: Sequence[dict[str, Comparison]], axes: Sequence[str],
+                            metric: str, decimals: int) -> list[str]:
+    """``## Transfer against its baselines``: every row where transfer hurt, named, with the difference."""
+    lines = [f"## Transfer against its baselines (`{metric}`)", ""]
+    hurt = []
+    for row, comps in zip(rows, comparisons):
+        for kind, comp in comps.items():
+            if comp.hurt:
+                point = " ".join(f"{a}={row.point.get(a, '')}" for a in axes if row.point.get(a, "") != "")
+                what = "negative transfer" if kind == "target_only" else "worse than without adaptation"
+                spread = ("" if comp.beyond_spread is None else
+                          f"; {'beyond' if comp.beyond_spread else 'within'} the seed spread ({comp.spread:.{decimals}f})")
+                hurt.append(f"- **{what}**: {point or 'the run'}: {comp.mean:+.{decimals}f} against "
+                            f"{kind.replace('_', '-')} (hurt in {sum(d < 0 for d in comp.diffs)}/{len(comp.diffs)} "
+                            f"seeds{spread})")
+    lines += hurt or ["No run did worse than its baselines."]
+    return lines + [""]
+
+
 def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
-                    decimals: int = 4, title: str = "", rank_by: Optional[str] = None) -> str:
-    """The report: notes, the table (axes, metrics, runs), then the runs that did not finish."""
+                    decimals: int = 4, title: str = "", rank_by: Optional[str] = None,
+                    comparisons: Optional[Sequence[dict[str, Comparison]]] = None,
+                    compared_on: Optional[str] = None) -> str:
+    """The report: notes, the table (axes, metrics, the comparisons with baselines, runs), the rows where transfer
+    hurt, then the runs that did not finish."""
     weights = any(row_weights(r) for r in rows)  # runs that recorded their weight source (run_info.json)
+    kinds = baseline_kinds(comparisons or [])
     header = ((["rank"] if rank_by else []) + list(axes) + (["backbone weights"] if weights else [])
-              + [metric_title(m) for m in metrics] + ["n", "runs"])
+              + [metric_title(m) for m in metrics] + [BASELINE_TITLES[k] for k in kinds] + ["n", "runs"])
     body = []
     for i, row in enumerate(rows, 1):
+        comps = comparisons[i - 1] if comparisons else {}
         body.append(([str(i)] if rank_by else []) + [row.point.get(a, "") for a in axes]
                     + ([row_weights(row)] if weights else [])
-                    + [format_stat(row.values[m], stderr, decimals) for m in metrics] + [str(row.n), runs_cell(row)])
+                    + [format_stat(row.values[m], stderr, decimals) for m in metrics]
+                    + [comps[k].cell(decimals) if k in comps else "" for k in kinds] + [str(row.n), runs_cell(row)])
     lines = [f"# {title}" if title else "# Sweep report", "",
              f"Mean over seeds, {STDERR_NOTE if stderr else STD_NOTE}; n = finished runs (seeds) of the point. "
              "Metrics are the last logged value unless named `max`/`min` (over the logged values)."]
@@ -242,7 +352,11 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
         lines.append(f"Ranked by the mean of `{rank_by}`.")
     if ORACLE in metrics:
         lines.append(f"Not a valid result: the {ORACLE_NOTE}.")
+    if kinds:
+        lines.append(BASELINE_NOTE.format(metric=compared_on) + ".")
     lines += ["", markdown_table(header, body, left=len(axes) + bool(rank_by) + weights), ""]
+    if kinds:
+        lines += negative_transfer_lines(rows, comparisons, axes, compared_on, decimals)
     bad = [e for r in rows for e in r.entries if e.status != "done"]
     if bad:
         lines += ["## Runs without a result", ""]
@@ -253,16 +367,20 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
     return "\n".join(lines)
 
 
-def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False) -> str:
-    """One line per grid point: axes, ``<metric> mean``, ``<metric> std`` (or ``stderr``), n and the other counts."""
+def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
+               comparisons: Optional[Sequence[dict[str, Comparison]]] = None) -> str:
+    """One line per grid point: axes, ``<metric> mean``, ``<metric> std`` (or ``stderr``), the comparisons with the
+    baselines (``vs_<kind> mean/std/n/hurt/beyond_spread``), n and the other counts."""
     spread = "stderr" if stderr else "std"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     weights = any(row_weights(r) for r in rows)
+    kinds = baseline_kinds(comparisons or [])
     writer.writerow([*axes, *(["backbone_weights"] if weights else []), *[f"{m} {s}" for m in metrics
                                                                           for s in ("mean", spread)],
+                     *[f"vs_{k} {s}" for k in kinds for s in ("mean", "std", "n", "hurt", "beyond_spread")],
                      "n", "failed", "unfinished", "not_run"])
-    for row in rows:
+    for i, row in enumerate(rows):
         cells: list[Any] = [row.point.get(a, "") for a in axes] + ([row_weights(row)] if weights else [])
         for m in metrics:
             if row.values[m]:
@@ -270,6 +388,10 @@ def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str],
                 cells += [repr(mean), "" if sp is None else repr(sp)]
             else:
                 cells += ["", ""]
+        for k in kinds:
+            comp = (comparisons[i] if comparisons else {}).get(k)
+            cells += ([repr(comp.mean), "" if comp.std is None else repr(comp.std), len(comp.diffs), comp.hurt,
+                       "" if comp.beyond_spread is None else comp.beyond_spread] if comp else ["", "", "", "", ""])
         cells += [row.n, row.counts.get("failed", 0), row.counts.get("unfinished", 0), row.counts.get("not run", 0)]
         writer.writerow(cells)
     return buf.getvalue()
@@ -320,6 +442,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--rank-by", metavar="M", help="sort the rows by the mean of this metric, best first")
     p.add_argument("--ascending", action="store_true", help="with --rank-by: lower is better (e.g. a loss)")
     p.add_argument("--stderr", action="store_true", help="± is the standard error instead of the sample std")
+    p.add_argument("--baseline-metric", metavar="M",
+                   help="the metric runs are compared with their baselines on (sweeps with baselines; default "
+                        "val/target_acc, else test/target_acc)")
     p.add_argument("--decimals", type=int, default=4)
     p.add_argument("--out", help="markdown file to write (default <sweep_dir>/report.md); the CSV goes next to it")
     p.add_argument("--plot", metavar="AXIS", help="also write a PNG of a metric against this grid axis next to the table")
@@ -352,11 +477,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows = aggregate(axes, entries, metrics)
     if args.rank_by:
         rows = rank_rows(rows, args.rank_by, args.ascending)
+    comparisons, compared_on = None, None
+    if any(e.baselines for e in entries):
+        compared_on = args.baseline_metric or baseline_metric(entries)
+        if compared_on is not None:
+            comparisons = compare_to_baselines(rows, entries, compared_on)
+    elif args.baseline_metric:
+        return fail(f"--baseline-metric: the runs of {sweep_dir} declare no baselines: add 'baselines:' to the sweep "
+                    "file (see README 'Negative transfer') and run it again")
     out = Path(args.out).expanduser().resolve() if args.out else sweep_dir / "report.md"
     text = render_markdown(rows, axes, metrics, args.stderr, args.decimals, title=f"Sweep {sweep_dir.name}",
-                           rank_by=args.rank_by)
+                           rank_by=args.rank_by, comparisons=comparisons, compared_on=compared_on)
     atomic_write_text(out, text)
-    atomic_write_text(out.with_suffix(".csv"), render_csv(rows, axes, metrics, args.stderr))
+    atomic_write_text(out.with_suffix(".csv"), render_csv(rows, axes, metrics, args.stderr, comparisons))
     print(text)
     print(f"tlframe report: wrote {out} and {out.with_suffix('.csv')}")
     if args.plot:

@@ -23,12 +23,23 @@ Sweep file (paths relative to the sweep file's folder)::
                                                   # a grid value or variant: needs: file)
     env: {TLFRAME_DATA_ROOT: ../shared/data}      # extra environment of the runs (not hashed)
     slurm: [--gres=gpu:1, --time=02:00:00]        # extra #SBATCH lines for --slurm
+    baselines:                                    # add each run's baselines as sibling runs (negative transfer):
+      source_only: {}                             # same run with FineTune (only for strategies using the target)
+      target_only: {labels_per_class: 10}         # FineTune on k labelled target train images per class
+                                                  # (null: all); both also take args: [overrides]
 
 Every run gets ``<out>/runs/<hash>/`` where ``hash`` is the first 12 hex digits of the SHA-256 of its
 resolved arguments (command, config files, overrides, seed): the same arguments always map to the same
 folder, so rerunning a sweep skips runs that hold ``done.json`` and restarts unfinished ones from scratch
 (see :mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
 ``output.log`` are in that folder. ``<out>/sweep.json`` lists every planned run (used by ``tlframe report``).
+
+Baselines (see :mod:`tlframe.baselines`) are derived from each run's fully resolved config, written to
+``<out>/baselines/<sha>.yaml`` and run like any point; a sibling is identified by the content of its config, so
+points that share one (e.g. a trade-off axis: one source-only run per seed) share it, and a planned run with the
+same config (a FineTune point of the grid) is used instead of a new run. Their point is the values of the axes
+their runs agree on (``*`` elsewhere) plus ``baseline: source_only | target_only``; ``sweep.json`` records
+each run's baseline hashes, which ``tlframe report`` compares with.
 """
 
 from __future__ import annotations
@@ -58,7 +69,7 @@ from tlframe.runs import (
 __all__ = ["SweepError", "Sweep", "Run", "load_sweep", "run_sweep", "slurm_script", "main"]
 
 EXIT_OK, EXIT_FAILED_RUNS, EXIT_BAD_INPUT = 0, 1, 2
-KEYS = {"base", "command", "out", "args", "grid", "variants", "seeds", "seed_args", "needs", "env", "slurm"}
+KEYS = {"base", "command", "out", "args", "grid", "variants", "seeds", "seed_args", "needs", "env", "slurm", "baselines"}
 COMMANDS = {"fit", "validate", "test"}
 HASH_LEN = 12
 
@@ -102,12 +113,19 @@ class Run:
     env: dict[str, str] = field(default_factory=dict)
     needs: list[str] = field(default_factory=list)
     root: Optional[Path] = None  # the sweep file's folder: config paths are hashed relative to it
+    baseline: Optional[str] = None                           # a baseline sibling: its kind (source_only, ...)
+    config_text: Optional[str] = None                        # a baseline sibling: its generated config (YAML)
+    baselines: dict[str, str] = field(default_factory=dict)  # kind -> hash of this run's baseline sibling
 
     @property
     def key(self) -> dict[str, Any]:
         """What identifies the run (hashed): command, configs (relative to the sweep file, so a moved checkout
-        keeps its hashes), overrides, seed. The environment and the output folder are not part of it."""
-        configs = [os.path.relpath(c, self.root) if self.root else c for c in self.configs]
+        keeps its hashes; a baseline's generated config by its content), overrides, seed. The environment and
+        the output folder are not part of it."""
+        if self.config_text is not None:
+            configs = ["baseline:" + hashlib.sha256(self.config_text.encode()).hexdigest()]
+        else:
+            configs = [os.path.relpath(c, self.root) if self.root else c for c in self.configs]
         return {"command": self.command, "configs": configs, "args": self.args, "seed": self.seed}
 
     @property
@@ -120,7 +138,7 @@ class Run:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.point.items()) + f" seed={self.seed}"
+        return " ".join(f"{k}={v}" for k, v in self.point.items() if v != "") + f" seed={self.seed}"
 
     def argv(self) -> list[str]:
         """``python -m tlframe <command> -c ... <overrides>`` logging straight into the run directory."""
@@ -149,12 +167,25 @@ class Sweep:
     slurm: list[str]
 
     def manifest(self) -> dict[str, Any]:
-        return {"sweep_file": str(self.path), "axes": self.axes, "seeds": self.seeds,
-                "runs": [{"hash": r.hash, "index": r.index, "point": r.point, "seed": r.seed} for r in self.runs]}
+        runs = []
+        for r in self.runs:
+            entry = {"hash": r.hash, "index": r.index, "point": r.point, "seed": r.seed}
+            if r.baseline:
+                entry["baseline"] = r.baseline
+            if r.baselines:
+                entry["baselines"] = r.baselines
+            runs.append(entry)
+        return {"sweep_file": str(self.path), "axes": self.axes, "seeds": self.seeds, "runs": runs}
 
     def write_manifest(self) -> None:
-        """``<out>/sweep.json``, the planned runs; left alone when it is already up to date (so that the
-        array tasks of a SLURM job, which all start with it, do not write it at the same time)."""
+        """``<out>/sweep.json``, the planned runs, and the generated configs of the baseline runs; each left alone
+        when it is already up to date (so that the array tasks of a SLURM job, which all start with it, do not
+        write it at the same time)."""
+        from tlframe.atomic import atomic_write_text
+
+        for run in self.runs:
+            if run.config_text is not None and not Path(run.configs[0]).is_file():
+                atomic_write_text(run.configs[0], run.config_text)
         path, data = self.out / "sweep.json", self.manifest()
         try:
             if json.loads(path.read_text()) == data:
@@ -230,6 +261,106 @@ def _variants(values: Any, folder: Path) -> list[Choice]:
     return choices
 
 
+def _baselines(value: Any, path: Path) -> dict[str, dict[str, Any]]:
+    """``baselines: [source_only, target_only]`` or ``{source_only: {args: [...]}, target_only: {labels_per_class: 10}}``."""
+    from tlframe.baselines import BASELINES
+
+    where = f"sweep file {path}: baselines"
+    if isinstance(value, list):
+        value = {str(v): {} for v in value}
+    if not isinstance(value, dict) or not value:
+        raise SweepError(f"{where} must be a list of {list(BASELINES)} or a mapping kind: {{options}}, got {value!r}")
+    out = {}
+    for kind, options in value.items():
+        if kind not in BASELINES:
+            raise SweepError(f"{where}: unknown baseline {kind!r}; use {list(BASELINES)}")
+        options = {} if options in (None, True) else options
+        if not isinstance(options, dict):
+            raise SweepError(f"{where}: {kind} takes a mapping of options (args, labels_per_class), got {options!r}")
+        allowed = {"args"} | ({"labels_per_class"} if kind == "target_only" else set())
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise SweepError(f"{where}: {kind} has unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        k = options.get("labels_per_class")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise SweepError(f"{where}: target_only labels_per_class must be a positive integer or null (all labels), "
+                             f"got {k!r}")
+        out[kind] = {"args": _str_list(options.get("args") or [], f"{where}: {kind} args"), "labels_per_class": k}
+    return out
+
+
+def _identity(config: dict[str, Any]) -> str:
+    """What makes two resolved configs the same run: everything but where the logger writes (a sweep sets that)."""
+    config = json.loads(json.dumps(config))
+    logger = ((config.get("trainer") or {}).get("logger") or {})
+    if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+        for k in ("save_dir", "name", "version"):
+            logger["init_args"].pop(k, None)
+    return json.dumps(config, sort_keys=True)
+
+
+def add_baselines(runs: list[Run], options: dict[str, dict[str, Any]], out_dir: Path) -> list[Run]:
+    """``runs`` followed by their baseline siblings (see :mod:`tlframe.baselines`); sets each run's ``baselines``."""
+    from tlframe.baselines import source_only_config, target_only_config
+    from tlframe.checks import ConfigError
+    from tlframe.cli import resolved_config
+
+    derive = {"source_only": lambda c, o: source_only_config(c),
+              "target_only": lambda c, o: target_only_config(c, o["labels_per_class"])}
+    by_identity: dict[tuple, Run] = {}
+    resolved = {}
+    for run in runs:
+        try:
+            resolved[run.index] = resolved_config([run.command, *(a for c in run.configs for a in ("-c", c)), *run.args])
+        except Exception as err:  # noqa: BLE001 - any parse problem stops the sweep with its message
+            raise SweepError(f"run {run.label!r}: its config cannot be resolved to derive its baselines: "
+                             f"{err if isinstance(err, ConfigError) else repr(err)}") from None
+        by_identity[(run.command, _identity(resolved[run.index]), tuple())] = run
+    siblings: dict[tuple, tuple[Run, list[Run]]] = {}
+    for run in runs:
+        for kind, opts in options.items():
+            config = derive[kind](resolved[run.index], opts)
+            if config is None:
+                continue
+            logger = (config.get("trainer") or {}).get("logger")
+            if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+                logger["init_args"].update(save_dir="runs", name="", version="")
+            identity = (run.command, _identity(config), tuple(opts["args"]))
+            if identity in by_identity:          # the grid already has this run
+                run.baselines[kind] = by_identity[identity].hash
+                continue
+            if identity not in siblings:
+                text = yaml.safe_dump(config, sort_keys=False)
+                sha = hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+                sibling = Run(index=-1, point={}, seed=run.seed, command=run.command,
+                              configs=[str(out_dir / "baselines" / f"{sha}.yaml")],
+                              args=opts["args"] + [f"--seed_everything={run.seed}"], out=out_dir, env=run.env,
+                              needs=list(run.needs), root=run.root, baseline=kind, config_text=text)
+                siblings[identity] = (sibling, [])
+            siblings[identity][1].append(run)
+            run.baselines[kind] = siblings[identity][0].hash
+    axis_values = {a: list(dict.fromkeys(r.point[a] for r in runs)) for a in (runs[0].point if runs else {})}
+    extra, labels = [], set()
+    for (_, identity, _), (sibling, users) in siblings.items():
+        point = {}
+        for a, values in axis_values.items():
+            used = [v for v in values if any(u.point[a] == v for u in users)]
+            point[a] = "*" if len(used) == len(values) > 1 else "|".join(used)
+        sibling.point = {**point, "baseline": sibling.baseline}
+        label = json.dumps([sibling.point, sibling.seed], sort_keys=True)
+        if label in labels:  # two different siblings that the axes cannot tell apart: name them by config (not seed)
+            config = json.loads(identity)
+            config.pop("seed_everything", None)
+            tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:6]
+            sibling.point["baseline"] = f"{sibling.baseline}#{tag}"
+        labels.add(label)
+        sibling.index = len(runs) + len(extra)
+        extra.append(sibling)
+    for run in runs:
+        run.point["baseline"] = ""
+    return runs + extra
+
+
 def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
     """Read and check a sweep file; expand it into its runs (grid order, seeds innermost)."""
     path = Path(path).expanduser().resolve()
@@ -288,7 +419,13 @@ def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
             raise SweepError(f"sweep file {path}: runs {hashes[r.hash].label!r} and {r.label!r} have the same "
                              "arguments: make the axis values differ")
         hashes[r.hash] = r
-    return Sweep(path, path.stem, out_dir, runs, [name for name, _ in axes], seeds, slurm)
+    names = [name for name, _ in axes]
+    if spec.get("baselines"):
+        if "baseline" in names:
+            raise SweepError(f"sweep file {path}: 'baseline' names the baselines' axis: rename the grid axis 'baseline'")
+        runs = add_baselines(runs, _baselines(spec["baselines"], path), out_dir)
+        names.append("baseline")
+    return Sweep(path, path.stem, out_dir, runs, names, seeds, slurm)
 
 
 # --------------------------------------------------------------------------- running
@@ -449,6 +586,8 @@ def check_grid_names(sweep: Sweep, runs: Sequence[Run]) -> None:
 
     checked: set[str] = set()
     for run in runs:
+        if run.config_text is not None:  # a baseline: its config was resolved from a checked run
+            continue
         point = json.dumps(run.point, sort_keys=True)
         if point not in checked:
             checked.add(point)

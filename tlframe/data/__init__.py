@@ -7,7 +7,7 @@ the backbone's transforms and serves Lightning dataloaders.
 
 from tlframe.data.datamodule import TransferDataModule
 from tlframe.data.digits import MNISTDomain, MNISTMDomain, SVHNDomain, USPSDomain
-from tlframe.data.domains import Domain, ImageFilesDomain, ImageFolderDomain, ImageListDomain
+from tlframe.data.domains import Domain, ImageFilesDomain, ImageFolderDomain, ImageListDomain, RelabelledDomain
 from tlframe.data.errors import DataError
 from tlframe.data.paths import resolve_data_root
 from tlframe.data.synthetic import SyntheticDomain
@@ -20,6 +20,7 @@ __all__ = [
     "ImageListDomain",
     "MNISTDomain",
     "MNISTMDomain",
+    "RelabelledDomain",
     "SVHNDomain",
     "SyntheticDomain",
     "TransferDataModule",

@@ -141,6 +141,74 @@ def subset_classes(data: Dataset, keep: list[int]) -> Dataset:
                     "build an ArrayImageDataset or a FileImageDataset.")
 
 
+class RelabelledDomain(Domain):
+    """Another domain whose images carry wrong labels on purpose: label noise and mismatched sources.
+
+    Images of class ``i`` of ``base`` are labelled ``relabel[i]`` (classes not in the map keep
+    their label); the class list stays ``base.classes``, so the domain still pairs with targets
+    of the same classes. Use it to build a source whose label semantics differ from the
+    target's (e.g. ``{0: 1, 1: 0, 2: 3, 3: 2}`` swaps two pairs of digits), the textbook setting
+    of negative transfer. Keys and values are class indices (after ``base``'s ``class_subset``)
+    or class names.
+
+    Args:
+        base: the domain whose images are used (any domain kind).
+        relabel: ``{class: new label}``.
+    """
+
+    def __init__(self, base: Domain, relabel: dict[Union[int, str], Union[int, str]]) -> None:
+        super().__init__(base.labelled, None)
+        if not isinstance(base, Domain):
+            raise DataError(f"RelabelledDomain: base must be a domain (class_path + init_args), got {base!r}.")
+        if not isinstance(relabel, dict) or not relabel:
+            raise DataError(f"RelabelledDomain: relabel must be a non-empty mapping {{class: new label}}, got {relabel!r}.")
+        self.base = base
+        self.relabel = dict(relabel)
+
+    def _index(self, c: Union[int, str]) -> int:
+        names = self.base.classes
+        if isinstance(c, str) and c in names:
+            return names.index(c)
+        if isinstance(c, str) and c.lstrip("-").isdigit():  # YAML/JSON mapping keys arrive as strings
+            c = int(c)
+        if isinstance(c, int) and not isinstance(c, bool) and 0 <= c < len(names):
+            return c
+        raise DataError(f"RelabelledDomain: {c!r} is not a class of {self.base.name}; its classes are {names} "
+                        f"(give names from that list, or indices 0..{len(names) - 1}).")
+
+    def mapping(self) -> np.ndarray:
+        """``remap[i]`` = the label given to images of class ``i``."""
+        remap = np.arange(len(self.base.classes), dtype=np.int64)
+        for old, new in self.relabel.items():
+            remap[self._index(old)] = self._index(new)
+        return remap
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}-relabelled"
+
+    @property
+    def all_classes(self) -> list[str]:
+        return self.base.classes
+
+    def prepare(self) -> None:
+        self.base.prepare()
+
+    def _build(self, split: Split) -> Dataset:
+        data, remap = self.base.dataset(split), self.mapping()
+        if isinstance(data, ArrayImageDataset):
+            labels = np.where(data.labels >= 0, remap[np.clip(data.labels, 0, None)], data.labels)
+            return ArrayImageDataset(data.images, labels, labelled=data.labelled)
+        if isinstance(data, FileImageDataset):
+            return FileImageDataset([(p, int(remap[y]) if y >= 0 else y) for p, y in data.samples],
+                                    labelled=data.labelled)
+        raise DataError(f"RelabelledDomain does not support datasets of type {type(data).__name__}: the base domain "
+                        "must build an ArrayImageDataset or a FileImageDataset.")
+
+    def __repr__(self) -> str:
+        return f"RelabelledDomain(base={self.base!r}, relabel={self.relabel})"
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 

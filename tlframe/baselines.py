@@ -1,0 +1,74 @@
+"""Baselines of a transfer run, derived from its resolved config: the yardsticks of negative transfer.
+
+Negative transfer (Wang et al., CVPR 2019, "Characterizing and avoiding negative transfer"; Rosenstein et
+al. 2005) is a transfer result worse than what the target data alone give. A run's two baselines:
+
+- **source-only**: the same run (backbone, data, budget, seed, optimizer, fine-tuning recipe) with the
+  strategy replaced by :class:`~tlframe.strategies.FineTune`, keeping every argument FineTune has (LR
+  multipliers, freezing, label smoothing); the target is then only evaluated, never trained on. Only for
+  runs whose strategy trains on the target (``uses_target``): any other run is its own source-only result.
+- **target-only**: FineTune trained on the *target* domain's labelled ``train`` split alone, reduced to
+  ``labels_per_class`` images per class (``None``: all of them), and evaluated on the target ``test``
+  split as the run is; the source is not used. Only when the target is labelled (for evaluation).
+
+Each function takes and returns the full resolved config of a ``tlframe fit`` (a dict as in a run's
+``config.yaml``) and never changes its input.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+from typing import Any, Optional
+
+__all__ = ["BASELINES", "FINETUNE", "source_only_config", "target_only_config", "strategy_class"]
+
+FINETUNE = "tlframe.strategies.FineTune"
+BASELINES = ("source_only", "target_only")
+
+
+def strategy_class(config: dict[str, Any]) -> type:
+    """The strategy class named by ``model.strategy.class_path``."""
+    path = ((config.get("model") or {}).get("strategy") or {}).get("class_path") or FINETUNE
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _finetune_strategy(strategy: dict[str, Any]) -> dict[str, Any]:
+    """``FineTune`` with the arguments of ``strategy`` that FineTune accepts (the others are dropped)."""
+    from tlframe.strategies import FineTune
+
+    accepted = set(inspect.signature(FineTune.__init__).parameters) - {"self"}
+    init_args = {k: v for k, v in (strategy.get("init_args") or {}).items() if k in accepted}
+    return {"class_path": FINETUNE, "init_args": init_args}
+
+
+def source_only_config(config: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The source-only sibling of ``config``, or ``None`` when its strategy does not train on the target."""
+    if not getattr(strategy_class(config), "uses_target", False):
+        return None
+    out = copy.deepcopy(config)
+    out["model"]["strategy"] = _finetune_strategy(config["model"]["strategy"])
+    return out
+
+
+def target_labelled(config: dict[str, Any]) -> bool:
+    """Whether the target domain of ``config`` has labels (``labelled`` is not false)."""
+    target = (config.get("data") or {}).get("target") or {}
+    return (target.get("init_args") or {}).get("labelled", True) is not False
+
+
+def target_only_config(config: dict[str, Any], labels_per_class: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """The target-only sibling of ``config`` (FineTune on ``labels_per_class`` labelled target train images per
+    class), or ``None`` when the target has no labels."""
+    if not target_labelled(config):
+        return None
+    out = copy.deepcopy(config)
+    out["model"]["strategy"] = _finetune_strategy(config["model"].get("strategy") or {})
+    source = copy.deepcopy(config["data"]["target"])
+    if isinstance(source.get("init_args"), dict) and "labelled" in source["init_args"]:
+        source["init_args"]["labelled"] = True
+    out["data"]["source"] = source
+    out["data"]["source_samples_per_class"] = labels_per_class
+    return out
