@@ -96,7 +96,7 @@ def check_one_fit_run(tmp_path: Path, out: str, name: str = "quickstart") -> Pat
     return run
 
 
-@pytest.mark.parametrize("strategy", ["FineTune", "FrozenFeatures", "DANN", "MMD"])
+@pytest.mark.parametrize("strategy", ["FineTune", "FrozenFeatures", "DANN", "MMD", "CDAN", "MDD"])
 def test_fit_with_two_processes_from_the_cli(tmp_path, strategy):
     out = tlframe("fit", *TINY, *DDP, f"--model.strategy=tlframe.strategies.{strategy}",
                   f"--trainer.logger.init_args.save_dir={tmp_path}/runs", cwd=tmp_path)

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tlframe.cli import main as tlframe_main
@@ -93,3 +94,22 @@ def test_bad_data_options_give_one_line(tmp_path, capsys):
     assert code == 2 and "batch_sise" in err and "did you mean" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = rank(capsys, "--candidates", str(cands), "--model.lr=3")
     assert code == 2 and "unknown option --model.lr" in err, err
+
+
+def test_a_checkpoint_with_a_strategy_built_head_is_scored_with_its_own_classifier(tmp_path, capsys, monkeypatch):
+    """MDD replaces the linear classifier by a two-layer head: rank rebuilds the module as it was trained."""
+    monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
+    runs = tmp_path / "runs"
+    tlframe_main(["fit", "-c", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={runs}",
+                  *TINY_DATA, "--model.backbone=lenet", "--data.iters_per_epoch=2", "--trainer.max_epochs=1",
+                  "--model.strategy=tlframe.strategies.MDD", "--model.strategy.init_args.head_width=32",
+                  "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"])
+    ckpt = runs / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    head_keys = [k for k in torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"] if k.startswith("head.classifier")]
+    assert "head.classifier.weight" not in head_keys and len(head_keys) == 4  # Linear-ReLU-Dropout-Linear
+    cands = tmp_path / "candidates.yaml"
+    cands.write_text(yaml.safe_dump({"candidates": [{"name": "mdd", "checkpoint": str(ckpt)}]}))
+    code, _, err = rank(capsys, "--candidates", str(cands), "--out", str(tmp_path / "ranking"))
+    assert code == 0, err
+    row = next(csv.DictReader((tmp_path / "ranking" / "ranking.csv").open()))
+    assert row["source_classes"] == "10" and float(row["leep"]) <= 0 and row["nce"] != ""

@@ -5,8 +5,9 @@ al. 2005) is a transfer result worse than what the target data alone give. A run
 
 - **source-only**: the same run (backbone, data, budget, seed, optimizer, fine-tuning recipe) with the
   strategy replaced by :class:`~tlframe.strategies.FineTune`, keeping every argument FineTune has (LR
-  multipliers, freezing, label smoothing); the target is then only evaluated, never trained on. Only for
-  runs whose strategy trains on the target (``uses_target``): any other run is its own source-only result.
+  multipliers, freezing, label smoothing) and dropping the adaptation's (its loss terms included); the target
+  is then only evaluated, never trained on. Only for runs whose strategy trains on the target (``uses_target``,
+  or extra loss ``terms``): any other run is its own source-only result.
 - **target-only**: FineTune trained on the *target* domain's labelled ``train`` split alone, reduced to
   ``labels_per_class`` images per class (``None``: all of them), and evaluated on the target ``test``
   split as the run is; the source is not used. Only when the target is labelled (for evaluation).
@@ -46,8 +47,9 @@ def _finetune_strategy(strategy: dict[str, Any]) -> dict[str, Any]:
 
 def source_only_config(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The source-only sibling of ``config``, or ``None`` when its strategy does not train on the target."""
-    if not getattr(strategy_class(config), "uses_target", False):
-        return None
+    init_args = (config["model"].get("strategy") or {}).get("init_args") or {}
+    if not getattr(strategy_class(config), "uses_target", False) and not init_args.get("terms"):
+        return None  # neither the strategy nor an extra loss term trains on the target
     out = copy.deepcopy(config)
     out["model"]["strategy"] = _finetune_strategy(config["model"]["strategy"])
     return out

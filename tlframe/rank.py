@@ -135,6 +135,12 @@ def build(cand: Candidate) -> Built:
             raise ConfigError(f"candidate {cand.name!r}: checkpoint {cand.checkpoint} does not record its backbone "
                               "(no hyper_parameters.backbone): give backbone: and weights: instead")
         kwargs = dict(hp.get("backbone_kwargs") or {})
+        if hp.get("_instantiator"):  # saved by tlframe's CLI: rebuild the module as trained (a strategy's own head too)
+            from tlframe.module import TransferModule
+
+            module = TransferModule.load_from_checkpoint(cand.checkpoint, map_location="cpu").eval()
+            num_classes = int(hp["num_classes"])
+            return Built(module.backbone, f"{name} {sorted(kwargs.items())}", lambda z: module.head(z)[1], num_classes)
         backbone = create_backbone(name, pretrained=False, **kwargs)
         state = ckpt["state_dict"]
         backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})

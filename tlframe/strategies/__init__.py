@@ -1,7 +1,17 @@
-"""Adaptation strategies: choose one in YAML with ``strategy: {class_path: tlframe.strategies.FineTune}``."""
+"""Adaptation strategies: choose one in YAML with ``strategy: {class_path: tlframe.strategies.FineTune}``.
+
+Strategies that train on the target (:class:`Adaptation` and its subclasses: DANN, MMD, CDAN, JAN, MCC, MDD,
+AFN, CORAL) take extra weighted loss ``terms`` (EntropyTerm, MCCTerm, BSPTerm, MMDTerm, JMMDTerm, CORALTerm,
+AFNTerm): see :mod:`tlframe.strategies.terms`.
+"""
 
 from tlframe.strategies.base import Progress, Strategy, StrategyOutput, TransferStep
 from tlframe.strategies.finetune import FineTune, FrozenFeatures
+from tlframe.strategies.terms import (AFNTerm, Adaptation, BSPTerm, CORALTerm, EntropyTerm, JMMDTerm, LossTerm,
+                                      MCCTerm, MMDTerm)
 from tlframe.strategies.adaptation import DANN, MMD, DomainDiscriminator
+from tlframe.strategies.shelf import AFN, CDAN, CORAL, JAN, MCC, MDD, L2PreservedDropout
 
-__all__ = ["Progress", "Strategy", "StrategyOutput", "TransferStep", "FineTune", "FrozenFeatures", "DANN", "MMD", "DomainDiscriminator"]
+__all__ = ["Progress", "Strategy", "StrategyOutput", "TransferStep", "FineTune", "FrozenFeatures", "Adaptation",
+           "DANN", "MMD", "DomainDiscriminator", "CDAN", "JAN", "MCC", "MDD", "AFN", "CORAL", "L2PreservedDropout",
+           "LossTerm", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm", "AFNTerm"]

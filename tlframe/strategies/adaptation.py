@@ -1,7 +1,8 @@
 """Unsupervised domain adaptation strategies: DANN (adversarial) and MMD (kernel discrepancy).
 
-Both extend :class:`FineTune`, so backbone LR multiplier, stage freezing, gradual
-unfreezing and layer-wise LR decay work with them too.
+Both extend :class:`~tlframe.strategies.terms.Adaptation` (a :class:`FineTune`), so backbone LR
+multiplier, stage freezing, gradual unfreezing and layer-wise LR decay work with them too, and
+both take extra loss ``terms`` (e.g. DANN + ``MCCTerm``, DANN + ``BSPTerm``).
 """
 
 from __future__ import annotations
@@ -15,9 +16,32 @@ from tlframe.checks import check_number
 from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient
 from tlframe.optim import ParamGroup
 from tlframe.strategies.base import StrategyOutput, TransferStep
-from tlframe.strategies.finetune import FineTune
+from tlframe.strategies.terms import Adaptation
 
-__all__ = ["DomainDiscriminator", "DANN", "MMD"]
+__all__ = ["DomainDiscriminator", "DANN", "MMD", "check_grl_schedule", "grl_coefficient"]
+
+
+def check_grl_schedule(grl_max_steps: Any, grl_alpha: float, grl_lo: float, grl_hi: float) -> None:
+    """Check the warm-start GRL schedule arguments of DANN, CDAN and MDD (one clear error per bad value)."""
+    if grl_max_steps != "auto" and (isinstance(grl_max_steps, bool) or not isinstance(grl_max_steps, int)
+                                    or grl_max_steps < 1):
+        raise ValueError(f"grl_max_steps={grl_max_steps!r} must be a positive number of steps or 'auto' "
+                         "(the run's total steps).")
+    check_number("grl_alpha", grl_alpha, low=0, low_open=True)
+    check_number("grl_lo", grl_lo)
+    check_number("grl_hi", grl_hi)
+
+
+def grl_coefficient(step: int, total_steps: Optional[int], max_steps: Union[int, Literal["auto"]], alpha: float,
+                    lo: float, hi: float) -> float:
+    """:func:`~tlframe.losses.warm_start_coefficient` at optimizer step ``step``; ``max_steps="auto"`` uses the
+    run's ``total_steps`` (so ``step / max_steps`` is the training progress ``p``)."""
+    if max_steps == "auto":
+        if not total_steps:
+            raise ValueError("grl_max_steps='auto' needs the run's total steps: set trainer.max_steps or "
+                             "trainer.max_epochs (an open-ended run has no training progress p).")
+        max_steps = total_steps
+    return warm_start_coefficient(step, max_steps, alpha=alpha, lo=lo, hi=hi)
 
 
 class DomainDiscriminator(nn.Sequential):
@@ -30,7 +54,7 @@ class DomainDiscriminator(nn.Sequential):
         super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, 1))
 
 
-class DANN(FineTune):
+class DANN(Adaptation):
     """Domain-adversarial training (Ganin & Lempitsky, ICML 2015; Ganin et al., JMLR 2016).
 
     ``loss = cls + trade_off * adv`` with ``adv = domain_adversarial_loss(D(grl(f_s)), D(grl(f_t)))``
@@ -49,10 +73,12 @@ class DANN(FineTune):
             total optimizer steps, so ``step / max_steps`` is the paper's training progress ``p``
             in [0, 1]. Ganin & Lempitsky's ``lambda_p = 2 / (1 + exp(-10 p)) - 1`` is
             ``grl_max_steps: auto, grl_alpha: 10``.
-        ``**kwargs``: the :class:`FineTune` arguments (backbone LR multiplier, freezing, ...).
+        ``**kwargs``: ``terms`` (extra loss terms, see :mod:`tlframe.strategies.terms`) and the
+            :class:`FineTune` arguments (backbone LR multiplier, freezing, ...).
     """
 
     uses_target = True
+    own_losses = ("cls", "adv")
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
                  grl_max_steps: Union[int, Literal["auto"]] = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
@@ -61,23 +87,21 @@ class DANN(FineTune):
         self.trade_off = trade_off
         self.hidden = hidden
         self.discriminator_lr_mult = discriminator_lr_mult
-        if grl_max_steps != "auto" and (isinstance(grl_max_steps, bool) or not isinstance(grl_max_steps, int)
-                                        or grl_max_steps < 1):
-            raise ValueError(f"grl_max_steps={grl_max_steps!r} must be a positive number of steps or 'auto' "
-                             "(the run's total steps).")
+        check_grl_schedule(grl_max_steps, grl_alpha, grl_lo, grl_hi)
         check_number("trade_off", trade_off, low=0)
         check_number("hidden", hidden, low=1, integer=True)
         check_number("discriminator_lr_mult", discriminator_lr_mult, low=0)
-        check_number("grl_alpha", grl_alpha, low=0, low_open=True)
-        check_number("grl_lo", grl_lo)
-        check_number("grl_hi", grl_hi)
         self.grl_max_steps = grl_max_steps
         self.grl = dict(alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
         self.discriminator: Optional[DomainDiscriminator] = None
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
         super().attach(backbone, head, num_classes)
-        self.discriminator = DomainDiscriminator(head.out_features, self.hidden)
+        self.discriminator = DomainDiscriminator(self.discriminator_in_features(head, num_classes), self.hidden)
+
+    def discriminator_in_features(self, head: nn.Module, num_classes: int) -> int:
+        """Width of the discriminator's input: the bottleneck features (CDAN: their conditioning map)."""
+        return head.out_features
 
     def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
         return super().param_groups(backbone, head) + [
@@ -86,30 +110,25 @@ class DANN(FineTune):
 
     def coefficient(self, step: int, total_steps: Optional[int] = None) -> float:
         """GRL coefficient at optimizer step ``step`` of a run of ``total_steps`` (used with ``grl_max_steps: auto``)."""
-        max_steps = self.grl_max_steps
-        if max_steps == "auto":
-            if not total_steps:
-                raise ValueError("grl_max_steps='auto' needs the run's total steps: set trainer.max_steps or "
-                                 "trainer.max_epochs (an open-ended run has no training progress p).")
-            max_steps = total_steps
-        return warm_start_coefficient(step, max_steps, **self.grl)
+        return grl_coefficient(step, total_steps, self.grl_max_steps, **self.grl)
 
-    def compute(self, step: TransferStep) -> StrategyOutput:
-        coeff = self.coefficient(step.progress.step, step.progress.total_steps)
-        n = step.f_s.shape[0]
+    def discriminate(self, h_s: torch.Tensor, h_t: torch.Tensor, coeff: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Domain logits of ``grl(h_s)`` and ``grl(h_t)``: one batch under ``bn_policy: joint``, two otherwise."""
         if self.bn_policy == "joint":
-            d = self.discriminator(gradient_reverse(torch.cat([step.f_s, step.f_t]), coeff))
-            d_s, d_t = d[:n], d[n:]
-        else:
-            d_s = self.discriminator(gradient_reverse(step.f_s, coeff))
-            d_t = self.discriminator(gradient_reverse(step.f_t, coeff))
+            d = self.discriminator(gradient_reverse(torch.cat([h_s, h_t]), coeff))
+            return d[: h_s.shape[0]], d[h_s.shape[0]:]
+        return self.discriminator(gradient_reverse(h_s, coeff)), self.discriminator(gradient_reverse(h_t, coeff))
+
+    def compute_transfer(self, step: TransferStep) -> StrategyOutput:
+        coeff = self.coefficient(step.progress.step, step.progress.total_steps)
+        d_s, d_t = self.discriminate(step.f_s, step.f_t, coeff)
         adv, domain_acc = domain_adversarial_loss(d_s, d_t)
         return StrategyOutput(losses={"cls": self.classification_loss(step), "adv": adv},
                               weights={"adv": self.trade_off},
                               logs={"grl_coeff": coeff, "domain_acc": domain_acc})
 
 
-class MMD(FineTune):
+class MMD(Adaptation):
     """Deep adaptation by multi-kernel MMD (DAN, Long et al., ICML 2015).
 
     ``loss = cls + trade_off * mk_mmd(f_s, f_t)`` on the bottleneck features. Logs ``mmd``.
@@ -120,11 +139,12 @@ class MMD(FineTune):
         alphas: bandwidth multipliers of the Gaussian kernels.
         linear: linear-time estimator instead of the quadratic U-statistic.
         offset: add TLlib's constant ``2/(n-1)`` (value only; gradients are the same).
-        ``**kwargs``: the :class:`FineTune` arguments. Default ``bn_policy`` is ``"separate"``, as
-        in the reference DAN.
+        ``**kwargs``: ``terms`` (extra loss terms) and the :class:`FineTune` arguments. Default
+            ``bn_policy`` is ``"separate"``, as in the reference DAN.
     """
 
     uses_target = True
+    own_losses = ("cls", "mmd")
 
     def __init__(self, trade_off: float = 1.0, alphas: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0),
                  linear: bool = False, offset: bool = True, bn_policy: Literal["joint", "separate"] = "separate",
@@ -140,7 +160,7 @@ class MMD(FineTune):
         self.linear = linear
         self.offset = offset
 
-    def compute(self, step: TransferStep) -> StrategyOutput:
+    def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         value = mk_mmd(step.f_s, step.f_t, self.alphas, linear=self.linear, offset=self.offset)
         return StrategyOutput(losses={"cls": self.classification_loss(step), "mmd": value},
                               weights={"mmd": self.trade_off}, logs={})
