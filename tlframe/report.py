@@ -282,12 +282,14 @@ def baseline_metric(entries: Sequence[RunEntry]) -> Optional[str]:
     return next((m for m in ("val/target_acc", "test/target_acc") if m in logged), None)
 
 
-def compare_to_baselines(rows: Sequence[Row], entries: Sequence[RunEntry], metric: str) -> list[dict[str, Comparison]]:
-    """Per row, ``kind -> Comparison`` for each baseline its runs declare (empty for baseline rows)."""
+def compare_to_baselines(rows: Sequence[Row], entries: Sequence[RunEntry],
+                         metric: str) -> list[dict[str, Optional[Comparison]]]:
+    """Per row, ``kind -> Comparison`` for each baseline its runs declare (``None`` while no seed has both runs
+    finished; empty for baseline rows)."""
     by_hash = {e.hash: e for e in entries}
     out = []
     for row in rows:
-        found: dict[str, Comparison] = {}
+        found: dict[str, Optional[Comparison]] = {}
         for kind in dict.fromkeys(k for e in row.entries for k in e.baselines):
             comp = Comparison(kind, [], [], [])
             for e in row.entries:
@@ -299,24 +301,23 @@ def compare_to_baselines(rows: Sequence[Row], entries: Sequence[RunEntry], metri
                     comp.diffs.append(a - b)
                     comp.values.append(a)
                     comp.baseline_values.append(b)
-            if comp.diffs:
-                found[kind] = comp
+            found[kind] = comp if comp.diffs else None  # declared, but no seed where both runs finished
         out.append(found)
     return out
 
 
-def baseline_kinds(comparisons: Sequence[dict[str, Comparison]]) -> list[str]:
+def baseline_kinds(comparisons: Sequence[dict[str, Optional[Comparison]]]) -> list[str]:
     return [k for k in BASELINE_TITLES if any(k in c for c in comparisons)]
 
 
-def negative_transfer_lines(rows: Sequence[Row], comparisons: Sequence[dict[str, Comparison]], axes: Sequence[str],
-                            metric: str, decimals: int) -> list[str]:
+def negative_transfer_lines(rows: Sequence[Row], comparisons: Sequence[dict[str, Optional[Comparison]]],
+                            axes: Sequence[str], metric: str, decimals: int) -> list[str]:
     """``## Transfer against its baselines``: every row where transfer hurt, named, with the difference."""
     lines = [f"## Transfer against its baselines (`{metric}`)", ""]
     hurt = []
     for row, comps in zip(rows, comparisons):
         for kind, comp in comps.items():
-            if comp.hurt:
+            if comp is not None and comp.hurt:
                 point = " ".join(f"{a}={row.point.get(a, '')}" for a in axes if row.point.get(a, "") != "")
                 what = "negative transfer" if kind == "target_only" else "worse than without adaptation"
                 spread = ("" if comp.beyond_spread is None else
@@ -330,7 +331,7 @@ def negative_transfer_lines(rows: Sequence[Row], comparisons: Sequence[dict[str,
 
 def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
                     decimals: int = 4, title: str = "", rank_by: Optional[str] = None,
-                    comparisons: Optional[Sequence[dict[str, Comparison]]] = None,
+                    comparisons: Optional[Sequence[dict[str, Optional[Comparison]]]] = None,
                     compared_on: Optional[str] = None) -> str:
     """The report: notes, the table (axes, metrics, the comparisons with baselines, runs), the rows where transfer
     hurt, then the runs that did not finish."""
@@ -344,7 +345,8 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
         body.append(([str(i)] if rank_by else []) + [row.point.get(a, "") for a in axes]
                     + ([row_weights(row)] if weights else [])
                     + [format_stat(row.values[m], stderr, decimals) for m in metrics]
-                    + [comps[k].cell(decimals) if k in comps else "" for k in kinds] + [str(row.n), runs_cell(row)])
+                    + [("" if k not in comps else comps[k].cell(decimals) if comps[k] else "baseline not finished")
+                       for k in kinds] + [str(row.n), runs_cell(row)])
     lines = [f"# {title}" if title else "# Sweep report", "",
              f"Mean over seeds, {STDERR_NOTE if stderr else STD_NOTE}; n = finished runs (seeds) of the point. "
              "Metrics are the last logged value unless named `max`/`min` (over the logged values)."]
@@ -361,14 +363,14 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
     if bad:
         lines += ["## Runs without a result", ""]
         for e in bad:
-            point = " ".join(f"{k}={v}" for k, v in e.point.items())
+            point = " ".join(f"{k}={v}" for k, v in e.point.items() if v != "")
             lines.append(f"- `{e.hash}` ({point} seed={e.seed}): {e.status}" + (f": {e.error}" if e.error else ""))
         lines.append("")
     return "\n".join(lines)
 
 
 def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
-               comparisons: Optional[Sequence[dict[str, Comparison]]] = None) -> str:
+               comparisons: Optional[Sequence[dict[str, Optional[Comparison]]]] = None) -> str:
     """One line per grid point: axes, ``<metric> mean``, ``<metric> std`` (or ``stderr``), the comparisons with the
     baselines (``vs_<kind> mean/std/n/hurt/beyond_spread``), n and the other counts."""
     spread = "stderr" if stderr else "std"
