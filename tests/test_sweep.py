@@ -98,6 +98,19 @@ def test_baselines_are_derived_shared_between_points_and_reuse_planned_runs(tmp_
     assert [r.hash for r in sw.load_sweep(write_sweep(tmp_path, spec)).runs] == [r.hash for r in sweep.runs]
 
 
+def test_the_hash_covers_config_contents_not_paths(tmp_path):
+    """Editing a config makes its runs new runs (never a stale row); moving it changes nothing."""
+    extra = write_sweep(tmp_path, {"trainer": {"max_epochs": 2}}, "extra.yaml")
+    spec = quick_spec(tmp_path / "out", grid={"config": [extra.name]}, seeds=[0, 1])
+    before = [r.hash for r in sw.load_sweep(write_sweep(tmp_path, spec)).runs]
+    moved = write_sweep(tmp_path / "elsewhere", {"trainer": {"max_epochs": 2}}, "renamed.yaml")
+    assert [r.hash for r in sw.load_sweep(write_sweep(tmp_path, {**spec, "grid": {"config": [str(moved)]}})).runs] == before
+    write_sweep(tmp_path, {"trainer": {"max_epochs": 3}}, "extra.yaml")  # edited in place
+    after = [r.hash for r in sw.load_sweep(write_sweep(tmp_path, spec)).runs]
+    assert not set(after) & set(before)
+    assert sw.load_sweep(tmp_path / "sweep.yaml").runs[0].key["configs"][1] == "sha256:" + sw.file_sha256(extra)
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"bsae": "x.yaml"}, "unknown key(s) ['bsae']"),
     ({"grid": {}}, "grid is empty"),
@@ -238,6 +251,24 @@ def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path
     assert "| backbone weights |" in header and table.count(": random init |") == 4  # from each run's run_info.json
     csv_header = (tmp_path / "out" / "report.csv").read_text().splitlines()[0]
     assert csv_header.startswith("strategy,") and "val/source_acc mean,val/source_acc std," in csv_header
+
+
+def test_two_sweep_processes_on_one_folder_run_each_run_once(tmp_path):
+    """Two `tlframe sweep` processes started together on one folder (e.g. two SLURM jobs): the run locks make
+    them share the runs, each run is trained exactly once and nothing is cleared under the other's feet."""
+    path = write_sweep(tmp_path, quick_spec(tmp_path / "out", seeds=[0, 1, 2]))
+    procs = [subprocess.Popen([sys.executable, "-m", "tlframe", "sweep", str(path)], cwd=tmp_path, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    runs = sw.load_sweep(path).runs
+    trained = [line for out in outputs for line in out.splitlines() if "] done " in line]
+    assert sorted(line.split("] done ")[1].split()[0] for line in trained) == sorted(r.hash for r in runs)
+    for run in runs:
+        record = json.loads((run.run_dir / "done.json").read_text())
+        assert record["scalars"]["val/target_acc"]["count"] >= 1
+        assert (run.run_dir / "output.log").read_text().count("tlframe fit") == 1
+        assert not Path(str(run.run_dir) + ".lock").exists()
 
 
 def test_a_sweep_with_baselines_runs_them_and_the_report_compares(tmp_path):

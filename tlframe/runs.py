@@ -7,7 +7,12 @@ The contract shared by ``tlframe sweep`` and the benchmark scripts:
 - a directory without ``done.json`` (a killed or failed attempt) is cleared and run again from
   scratch, so a half-finished run is never counted;
 - a failed attempt writes ``failed.json`` (exit code, log tail) and the caller moves on;
-- the process output goes to ``output.log`` in the run directory.
+- the process output goes to ``output.log`` in the run directory;
+- a run is **locked** while it runs: ``<run_dir>.lock`` is created exclusively (``O_CREAT | O_EXCL``, which
+  also holds on NFS and other shared file systems, so SLURM array tasks and several sweep processes on one
+  folder never run the same run twice) and its modification time is refreshed every
+  :data:`LOCK_HEARTBEAT_S`; another process finds it held and moves on ("busy"). A lock whose holder died
+  (the same host and its pid gone, or no refresh for :data:`LOCK_STALE_S`) is taken over.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import datetime as _dt
 import json
 import os
 import shutil
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +32,12 @@ from typing import Any, Optional
 
 from tlframe.atomic import atomic_write_text
 
-__all__ = ["MetricError", "RunOutcome", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
+__all__ = ["MetricError", "RunOutcome", "RunLock", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
            "DONE", "FAILED", "log_tail", "worker_thread_env"]
 
 DONE, FAILED = "done.json", "failed.json"
+#: Seconds between refreshes of a held run lock, and age after which a lock nobody refreshes is stale.
+LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
 
 
 class MetricError(RuntimeError):
@@ -96,9 +105,95 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class RunLock:
+    """``<run_dir>.lock``: at most one process runs a run, across processes and hosts sharing the folder.
+
+    ``acquire()`` returns False when another live process holds it (see the module docstring); the holder
+    refreshes the file's mtime from a daemon thread and ``release()`` removes it.
+    """
+
+    def __init__(self, run_dir: Path, heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S) -> None:
+        self.path = Path(str(run_dir) + ".lock")
+        self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def holder(self) -> Optional[dict[str, Any]]:
+        """Who holds the lock (host, pid, since), or None when it is free."""
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # being written right now: held
+
+    def _stale(self) -> bool:
+        holder = self.holder()
+        if holder is None:
+            return False
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age > self.stale_s:
+            return True
+        if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return False
+
+    def _create(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({**self.me, "since": utc_now()}, f)
+        return True
+
+    def acquire(self) -> bool:
+        if not self._create():
+            if not self._stale():
+                return False
+            try:  # break the stale lock: only one process wins the rename
+                os.rename(self.path, f"{self.path}.stale.{self.me['host']}.{self.me['pid']}")
+            except FileNotFoundError:
+                return False
+            if not self._create():
+                return False
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        for stale in self.path.parent.glob(self.path.name + ".stale.*"):
+            stale.unlink(missing_ok=True)
+
+
 @dataclass
 class RunOutcome:
-    status: str                          # "done" (ran now), "skipped" (done.json found) or "failed"
+    status: str                          # "done" (ran now), "skipped" (done.json found), "failed" or "busy"
+                                         # (another process holds the run's lock)
     record: Optional[dict[str, Any]] = None
     error: str = ""
     wall_s: float = 0.0
@@ -135,13 +230,29 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
     ``summarize`` turns the run's scalars into ``done.json`` fields (it may raise :class:`MetricError`:
     the run then counts as failed); ``extra`` fields are added to ``done.json`` (and ``failed.json``).
     """
-    done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
+    done = spec.run_dir / DONE
     if done.is_file():
         return RunOutcome("skipped", json.loads(done.read_text()))
-    base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir)}
     missing = [str(p) for p in spec.needs if not Path(p).is_file()]
     if missing:
         return RunOutcome("failed", error=f"not run: {', '.join(missing)} missing")
+    lock = RunLock(spec.run_dir)
+    if not lock.acquire():
+        holder = lock.holder() or {}
+        return RunOutcome("busy", error=f"running elsewhere (lock {lock.path} held by {holder.get('host', '?')} "
+                                        f"pid {holder.get('pid', '?')} since {holder.get('since', '?')})")
+    try:
+        if done.is_file():  # finished by the process that held the lock before us
+            return RunOutcome("skipped", json.loads(done.read_text()))
+        return _execute_locked(spec, extra, summarize)
+    finally:
+        lock.release()
+
+
+def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
+                    summarize: Callable[[dict[str, list[tuple[int, float]]]], dict[str, Any]]) -> RunOutcome:
+    done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
+    base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir)}
     if spec.run_dir.exists():  # left over from a failed or interrupted attempt: start clean
         shutil.rmtree(spec.run_dir)
     spec.run_dir.mkdir(parents=True)

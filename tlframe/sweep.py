@@ -29,8 +29,8 @@ Sweep file (paths relative to the sweep file's folder)::
                                                   # (null: all); both also take args: [overrides]
 
 Every run gets ``<out>/runs/<hash>/`` where ``hash`` is the first 12 hex digits of the SHA-256 of its
-resolved arguments (command, config files, overrides, seed): the same arguments always map to the same
-folder, so rerunning a sweep skips runs that hold ``done.json`` and restarts unfinished ones from scratch
+resolved arguments (command, the contents of its config files, overrides, seed): the same arguments always
+map to the same folder and an edited config file to a new one, so rerunning a sweep skips runs that hold ``done.json`` and restarts unfinished ones from scratch
 (see :mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
 ``output.log`` are in that folder. ``<out>/sweep.json`` lists every planned run (used by ``tlframe report``).
 
@@ -63,7 +63,7 @@ from typing import Any, Optional
 import yaml
 
 from tlframe.runs import (
-    DONE, FAILED, RunOutcome, RunSpec, execute_run, log_tail, worker_thread_env, write_json_atomic,
+    DONE, FAILED, RunLock, RunOutcome, RunSpec, execute_run, log_tail, worker_thread_env, write_json_atomic,
 )
 
 __all__ = ["SweepError", "Sweep", "Run", "load_sweep", "run_sweep", "slurm_script", "main"]
@@ -76,6 +76,18 @@ HASH_LEN = 12
 
 class SweepError(ValueError):
     """A sweep file or sweep option that cannot be used; the message names the problem and the fix."""
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (memoised per path, size and modification time)."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _DIGESTS[key]
 
 
 def cli_value(value: Any) -> str:
@@ -119,13 +131,13 @@ class Run:
 
     @property
     def key(self) -> dict[str, Any]:
-        """What identifies the run (hashed): command, configs (relative to the sweep file, so a moved checkout
-        keeps its hashes; a baseline's generated config by its content), overrides, seed. The environment and
-        the output folder are not part of it."""
+        """What identifies the run (hashed): command, the **contents** of its config files (SHA-256, in order: an
+        edited config is a new run, a moved or renamed one is not), overrides, seed. The environment and the
+        output folder are not part of it."""
         if self.config_text is not None:
             configs = ["baseline:" + hashlib.sha256(self.config_text.encode()).hexdigest()]
         else:
-            configs = [os.path.relpath(c, self.root) if self.root else c for c in self.configs]
+            configs = [f"sha256:{file_sha256(c)}" for c in self.configs]
         return {"command": self.command, "configs": configs, "args": self.args, "seed": self.seed}
 
     @property
@@ -462,7 +474,7 @@ class Progress:
     def end(self, run: Run, outcome: RunOutcome) -> None:
         with self.lock:
             self.finished += 1
-            if outcome.status != "skipped":
+            if outcome.status not in ("skipped", "busy"):
                 self.walls.append(outcome.wall_s)
             left = self.total - self.finished
             eta = ""
@@ -472,6 +484,8 @@ class Progress:
                 text = f"skipped {run.hash} ({run.label}): done.json found"
             elif outcome.ok:
                 text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}"
+            elif outcome.status == "busy":
+                text = f"skipped {run.hash} ({run.label}): {outcome.error}"
             else:
                 tail = log_tail(run.run_dir / "output.log", 8)
                 text = f"FAILED {run.hash} ({run.label}): {outcome.error}" + (f"\n{tail}" if tail else "")
@@ -528,9 +542,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, gpus: Optional[list[str]] = None, 
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             outcomes = list(pool.map(work, runs))
-    n_failed = sum(not o.ok for o in outcomes)
-    progress.say(f"tlframe sweep: {len(outcomes) - n_failed}/{len(outcomes)} runs finished, {n_failed} failed; "
-                 f"table: tlframe report {sweep.out}")
+    n_failed = sum(o.status == "failed" for o in outcomes)
+    n_busy = sum(o.status == "busy" for o in outcomes)
+    progress.say(f"tlframe sweep: {sum(o.ok for o in outcomes)}/{len(outcomes)} runs finished, {n_failed} failed"
+                 + (f", {n_busy} running in another process" if n_busy else "") + f"; table: tlframe report {sweep.out}")
     return outcomes
 
 
@@ -573,6 +588,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def _status(run: Run) -> str:
     if (run.run_dir / DONE).is_file():
         return "done"
+    if RunLock(run.run_dir).holder() is not None:
+        return "running"
     if (run.run_dir / FAILED).is_file():
         return "failed"
     return "unfinished" if run.run_dir.exists() else "not run"
@@ -629,4 +646,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     runs = [sweep.runs[args.index]] if args.index is not None else None
     outcomes = run_sweep(sweep, args.workers, gpus, runs=runs)
-    return EXIT_FAILED_RUNS if any(not o.ok for o in outcomes) else EXIT_OK
+    return EXIT_FAILED_RUNS if any(o.status == "failed" for o in outcomes) else EXIT_OK
