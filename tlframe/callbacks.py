@@ -22,23 +22,24 @@ import time
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
 import yaml
-from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tlframe.atomic import atomic_path, atomic_write_text
 from tlframe.seeding import mix, run_seed
 from tlframe.validators import RowSample, confusion_image, proxy_a_distance
 
-__all__ = ["TransferCheckpoint", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights", "environment_info",
-           "research_hparams"]
+__all__ = ["TransferCheckpoint", "TransferEarlyStopping", "RunSummary", "PredictionWriter", "RunInfo", "TransferInsights",
+           "environment_info", "research_hparams", "uses_target_labels"]
 
 _PACKAGES = ("tlframe", "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm", "numpy", "pillow",
              "jsonargparse", "tensorboard")
@@ -143,6 +144,185 @@ class TransferCheckpoint(ModelCheckpoint):
         self._refresh_last(trainer)
 
 
+#: Target metrics that need no target labels: the label-free validators (:mod:`tlframe.validators`).
+LABEL_FREE_TARGET_METRICS = ("target_entropy", "target_snd", "target_im", "target_dev")
+
+
+def uses_target_labels(metric: str) -> bool:
+    """Whether a logged metric is computed from target labels: ``val/target_acc``, ``val/target_mean_class_acc``,
+    ``val/target_loss``, ... (every ``<stage>/target_*`` except the label-free validators
+    ``target_entropy``, ``target_snd``, ``target_im``, ``target_dev``)."""
+    name = metric.partition("/")[2] if "/" in metric else metric
+    return name.startswith("target_") and name not in LABEL_FREE_TARGET_METRICS
+
+
+class TransferEarlyStopping(EarlyStopping):
+    """Lightning's ``EarlyStopping``, off by default, label-free, recorded, and final across a resume.
+
+    When ``enabled``, training stops once ``monitor`` has not improved by more than ``min_delta`` for
+    ``patience`` validations in a row (Lightning's rule: checked at the end of every validation, before
+    the checkpoints of that validation are written, so ``last.ckpt`` holds the stopped state).
+
+    - **Label-free by default**: ``monitor`` is ``val/source_acc`` (source validation split); the label-free
+      target validators (``val/target_snd`` with ``mode: max``, ``val/target_entropy``, ``val/target_im``,
+      ``val/target_dev`` with ``mode: min``) work too. A monitor computed from target labels
+      (``val/target_acc``, ``val/target_mean_class_acc``, ``val/target_loss``, ...) is refused, as it
+      would choose the stopping epoch with the target test labels (an oracle, not an unsupervised result),
+      unless ``allow_target_labels: true``, which then warns at the start of the run.
+    - **Reported**: the stop (epoch, step, monitor, last and best value, best epoch and step, reason) is
+      printed in the run's final summary and written to ``early_stop.json`` in the run folder (rank 0).
+    - **Final across a resume**: the stop is part of the callback's state in the checkpoint. ``tlframe fit
+      --ckpt_path`` of a run that stopped early ends at once, without a training step, saying so (also
+      when early stopping is now disabled), unless ``resume: true``: training then continues (up to
+      ``trainer.max_epochs`` / ``max_steps``) with the patience counter reset and the best value kept.
+    - The metric must be logged by the run (e.g. ``val/source_acc`` needs ``data.val_fraction > 0``);
+      otherwise the first check stops the run with a message listing the logged ones.
+
+    When ``enabled`` is false the callback does nothing but honour a stop recorded in a checkpoint.
+
+    Args:
+        enabled: switch early stopping on.
+        monitor: the logged metric (``val/...``).
+        mode: ``max`` (accuracies, SND) or ``min`` (losses, entropy, IM, DEV).
+        patience: validations without improvement before stopping (>= 1).
+        min_delta: smallest change that counts as an improvement (>= 0).
+        allow_target_labels: accept a monitor computed from target labels (oracle; warned).
+        resume: a ``--ckpt_path`` resume of an early-stopped run trains on instead of ending at once.
+        stopping_threshold: stop as soon as the monitor is better than this value.
+        divergence_threshold: stop as soon as the monitor is worse than this value.
+        check_finite: stop when the monitor becomes NaN or infinite.
+    """
+
+    def __init__(self, enabled: bool = False, monitor: str = "val/source_acc", mode: Literal["min", "max"] = "max",
+                 patience: int = 3, min_delta: float = 0.0, allow_target_labels: bool = False, resume: bool = False,
+                 stopping_threshold: Optional[float] = None, divergence_threshold: Optional[float] = None,
+                 check_finite: bool = True):
+        if int(patience) < 1:
+            raise ValueError(f"patience={patience} must be >= 1 (validations without improvement before stopping).")
+        if not min_delta >= 0:
+            raise ValueError(f"min_delta={min_delta} must be >= 0.")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode={mode!r} is unknown: use 'max' (accuracy, SND) or 'min' (loss, entropy).")
+        if enabled and uses_target_labels(monitor) and not allow_target_labels:
+            raise ValueError(
+                f"early_stopping.monitor={monitor!r} is computed from target labels, so stopping on it chooses the "
+                "model with the target test labels (an oracle). Monitor a label-free metric (val/source_acc, "
+                "val/target_snd with mode max, val/target_entropy with mode min), or set "
+                "early_stopping.allow_target_labels=true to do it knowingly")
+        super().__init__(monitor=monitor, min_delta=float(min_delta), patience=int(patience), mode=mode, strict=True,
+                         check_finite=check_finite, stopping_threshold=stopping_threshold,
+                         divergence_threshold=divergence_threshold, check_on_train_epoch_end=False)
+        self.enabled, self.allow_target_labels, self.resume = bool(enabled), bool(allow_target_labels), bool(resume)
+        self.best_epoch: Optional[int] = None
+        self.best_step: Optional[int] = None
+        #: the stop, once it happened (in this run or in the run of the resumed checkpoint); see :meth:`describe`
+        self.stop: Optional[dict[str, Any]] = None
+        #: this ``fit`` ended at once because the resumed checkpoint's run had stopped early
+        self.ended_on_resume = False
+        self._improved = False
+
+    @property
+    def state_key(self) -> str:
+        # One early stopping per run: a constant key, so that a stop survives a resume with another monitor.
+        return "TransferEarlyStopping"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "monitor": self.monitor, "mode": self.mode, "best_epoch": self.best_epoch,
+                "best_step": self.best_step, "stop": self.stop}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stop = state_dict.get("stop")
+        if state_dict.get("monitor") == self.monitor and state_dict.get("mode") == self.mode:
+            patience = self.patience
+            super().load_state_dict(state_dict)
+            self.patience = patience  # the configured patience, not the checkpoint's
+            self.best_epoch, self.best_step = state_dict.get("best_epoch"), state_dict.get("best_step")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.ended_on_resume = False
+        if self.enabled and stage == "fit" and uses_target_labels(self.monitor):
+            rank_zero_warn(f"tlframe: early stopping monitors {self.monitor}, computed from target labels "
+                           "(early_stopping.allow_target_labels=true): the stopping epoch is chosen with the target "
+                           "test labels (an oracle), not a label-free unsupervised result.")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stop is None:
+            return
+        where = f"epoch {self.stop['epoch']}, step {self.stop['step']}"
+        if self.resume:
+            self.stop, self.wait_count, self.stopped_epoch = None, 0, 0
+            self.stopping_reason, self.stopping_reason_message = EarlyStoppingReason.NOT_STOPPED, None
+            if trainer.is_global_zero:
+                print(f"tlframe: resuming a run that stopped early at {where} (early_stopping.resume=true): "
+                      "training on with the patience counter reset.", flush=True)
+            return
+        trainer.should_stop = True  # the same decision on every rank: the restored state is the same
+        self.ended_on_resume = True
+        if trainer.is_global_zero:
+            print(f"tlframe: not training further: the run of this checkpoint stopped early at {where} "
+                  f"({self.stop['monitor']} did not improve). Pass --early_stopping.resume=true to train on.", flush=True)
+
+    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
+        return not self.enabled or super()._should_skip_check(trainer)
+
+    def _validate_condition_metric(self, logs: dict[str, torch.Tensor]) -> bool:
+        if self.monitor not in logs:
+            from tlframe.checks import ConfigError
+
+            logged = ", ".join(sorted(k for k in logs if k.startswith("val/"))) or "none"
+            raise ConfigError(f"early_stopping.monitor={self.monitor!r} is not logged by this run (logged at validation: "
+                              f"{logged}): monitor one of those")
+        return True
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, Optional[str]]:
+        before = self.best_score
+        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        self._improved = self.best_score is not before
+        return should_stop, reason
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        self._improved, previous, self.stopped_epoch = False, self.stopped_epoch, -1
+        super()._run_early_stopping_check(trainer)
+        stopped = self.stopped_epoch == trainer.current_epoch  # Lightning sets it when this check stops the run
+        if not stopped:
+            self.stopped_epoch = previous
+        if self._improved:
+            self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
+        if stopped and self.stop is None:
+            value = trainer.callback_metrics.get(self.monitor)
+            self.stop = {
+                "monitor": self.monitor, "mode": self.mode, "patience": self.patience,
+                "min_delta": abs(float(self.min_delta)), "epoch": trainer.current_epoch, "step": trainer.global_step,
+                "value": None if value is None else float(value), "best_value": float(self.best_score),
+                "best_epoch": self.best_epoch, "best_step": self.best_step,
+                "reason": self.stopping_reason.name.lower(), "message": self.stopping_reason_message,
+            }
+
+    def describe(self) -> Optional[str]:
+        """One line on the stop (for the run summary), or None when the run did not stop early."""
+        stop = self.stop
+        if stop is None:
+            return None
+        best = (f"best {stop['best_value']:.4f} at epoch {stop['best_epoch']}, step {stop['best_step']}"
+                if stop.get("best_epoch") is not None else f"best {stop['best_value']:.4f}")
+        why = (f"{stop['monitor']} did not improve by more than {stop['min_delta']:g} in {stop['patience']} "
+               f"validation(s) ({stop['mode']})" if stop["reason"] == "patience_exhausted" else
+               stop.get("message") or stop["reason"])
+        where = f"epoch {stop['epoch']}, step {stop['step']}"
+        if self.ended_on_resume:
+            return (f"not trained further (the resumed run had stopped early at {where}; "
+                    f"--early_stopping.resume=true trains on): {why}; {best}")
+        return f"stopped at {where}: {why}; {best}"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: read on every rank (see the module docstring)
+        if self.stop is None or not trainer.is_global_zero or not log_dir:
+            return
+        record = {**self.stop, "ended_on_resume": self.ended_on_resume, "global_step_now": trainer.global_step}
+        atomic_write_text(Path(log_dir) / "early_stop.json", json.dumps(record, indent=2) + "\n")
+
+
 class RunSummary(pl.Callback):
     """Print the final validation/test metrics and where the logs and checkpoints are (rank 0 only),
     at the end of ``fit``, ``validate`` and ``test``."""
@@ -157,6 +337,10 @@ class RunSummary(pl.Callback):
         if log_dir:
             lines.append(f"  logs:        {Path(log_dir).resolve()}  (tensorboard --logdir {Path(log_dir).parent.resolve()})")
         ckpt = trainer.checkpoint_callback
+        stopper = next((c for c in trainer.callbacks if isinstance(c, TransferEarlyStopping)), None)
+        stop = stopper.describe() if stopper is not None and trainer.state.fn == TrainerFn.FITTING else None
+        if stop:
+            lines.append(f"  early stop:  {stop}" + (f"  ({Path(log_dir).resolve() / 'early_stop.json'})" if log_dir else ""))
         if isinstance(ckpt, ModelCheckpoint) and trainer.state.fn == TrainerFn.FITTING:
             if ckpt.last_model_path:
                 lines.append(f"  last ckpt:   {ckpt.last_model_path}")
@@ -286,7 +470,7 @@ def research_hparams(config: dict[str, Any]) -> dict[str, Any]:
         "max_steps": trainer.get("max_steps"), "iters_per_epoch": data.get("iters_per_epoch"),
         "precision": trainer.get("precision"), "devices": trainer.get("devices"),
         "source": _short_class(data.get("source")), "target": _short_class(data.get("target")),
-        "source_samples_per_class": data.get("source_samples_per_class"),
+        "source_samples_per_class": data.get("source_samples_per_class"), "source_sampler": data.get("source_sampler"),
         "train_augmentation": data.get("train_augmentation"), "image_size": data.get("image_size"),
         "seed": config.get("seed_everything"), "split_seed": data.get("split_seed"),
     })

@@ -19,7 +19,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tlframe.backbones import BackboneError
-from tlframe.callbacks import PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferInsights
+from tlframe.callbacks import (PredictionWriter, RunInfo, RunSummary, TransferCheckpoint, TransferEarlyStopping,
+                                TransferInsights)
 from tlframe.checks import ConfigError, check_checkpoint_file, check_writable_folder
 from tlframe.cli_errors import UnknownNameError, config_error, explain, parser_keys, subcommand_parser
 from tlframe.data import DataError, TransferDataModule
@@ -58,6 +59,7 @@ class TLFrameCLI(LightningCLI):
         parser.add_lightning_class_args(RunInfo, "run_info")
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(TransferInsights, "insights")
+        parser.add_lightning_class_args(TransferEarlyStopping, "early_stopping")  # off unless early_stopping.enabled
         parser.set_defaults({"trainer.logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="tlframe")})
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:

@@ -12,11 +12,11 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tlframe.data.datasets import MemoizedDataset, TransformedDataset, held_in_memory, sample_names
+from tlframe.data.datasets import NO_LABEL, MemoizedDataset, TransformedDataset, held_in_memory, sample_names
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.feature_cache import FeatureCache
-from tlframe.data.samplers import EpochRandomSampler
+from tlframe.data.samplers import ClassBalancedSampler, EpochRandomSampler
 from tlframe.seeding import mix, run_seed
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -35,10 +35,13 @@ class TransferDataModule(pl.LightningDataModule):
     ``iters_per_epoch`` batches per epoch: each is drawn by an ``EpochRandomSampler`` without
     replacement over ``iters_per_epoch * batch_size`` samples, so the smaller domain runs
     through fresh permutations. (Under DDP, Lightning shards these samplers, so each rank
-    gets ``iters_per_epoch / world_size`` batches.)
+    gets ``iters_per_epoch / world_size`` batches.) With ``source_sampler: balanced`` the source
+    sampler is a :class:`~tlframe.data.samplers.ClassBalancedSampler` (every class equally
+    likely) with the same guarantees.
 
     Splits: the source ``"train"`` split is first reduced to ``source_samples_per_class``
-    images per class when that is set, then divided into train and validation parts by
+    images per class when that is set (and to ``source_class_fractions`` of each class: a
+    simulated imbalanced source), then divided into train and validation parts by
     ``val_fraction`` (both seeded by ``split_seed``); the target ``"train"`` split is the
     unlabelled training data and the target ``"test"`` split is used for evaluation (for
     folder domains without a separate test folder these are the same images: transductive
@@ -114,6 +117,27 @@ class TransferDataModule(pl.LightningDataModule):
             :class:`~tlframe.data.ImageFilesDomain` of any folder, or an image list); its classes
             must be the training classes when it is labelled. ``None``: the target test split.
         predict_split: which split of ``predict_domain`` to predict (``"test"`` or ``"train"``).
+        source_class_fractions: simulate a class-imbalanced source: keep this fraction of the
+            images of each class (one value in [0, 1] per class, in class order) of the source
+            ``"train"`` split, after ``source_samples_per_class`` and before the train/val split (so the
+            validation part has the same class proportions), chosen at random with ``split_seed``; at
+            least one image of a class with a fraction > 0 is kept.
+            :func:`tlframe.label_shift.long_tail_fractions` gives the usual exponential long tail
+            (``long_tail_fractions(10, 10)`` = imbalance ratio 10, class 0 the head). ``None``: all images.
+        target_class_fractions: simulate label shift: the same for both target splits (``"train"``,
+            the unlabelled adaptation data, and ``"test"``), each subsampled with its own seed derived
+            from ``split_seed``. Building the shifted target reads the target data set's true labels
+            (this is constructing the benchmark, like choosing the data set); nothing in training or
+            model selection reads them. Needs a target data set that carries labels.
+        source_sampler: how source training batches are drawn. ``"random"`` (default):
+            :class:`~tlframe.data.samplers.EpochRandomSampler`, successive random permutations of
+            the source train split, so each class appears as often as it has images.
+            ``"balanced"``: :class:`~tlframe.data.samplers.ClassBalancedSampler`, every class equally
+            likely (each epoch cycles through random permutations of the classes, and within a
+            class through random permutations of its images), for a long-tailed source. Both are
+            exact under resume mid-epoch and DDP (the order of an epoch is a function of the run
+            seed and the epoch), and ``iters_per_epoch`` counts the same. The labels are read
+            without decoding images. The target is always sampled at random (its labels are never read).
     """
 
     def __init__(
@@ -137,6 +161,9 @@ class TransferDataModule(pl.LightningDataModule):
         target_val_samples: Optional[int] = None,
         predict_domain: Optional[Domain] = None,
         predict_split: Literal["train", "test"] = "test",
+        source_class_fractions: Optional[list[float]] = None,
+        target_class_fractions: Optional[list[float]] = None,
+        source_sampler: Literal["random", "balanced"] = "random",
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size),
@@ -155,11 +182,23 @@ class TransferDataModule(pl.LightningDataModule):
             )
         if predict_split not in ("train", "test"):
             raise DataError(f"predict_split={predict_split!r} is unknown: use 'test' or 'train'.")
+        if source_sampler not in ("random", "balanced"):
+            raise DataError(f"source_sampler={source_sampler!r} is unknown: use 'random' (default) or 'balanced' "
+                            "(every class equally likely).")
         self.source = source
         self.target = target
         self.target_val_samples = None if target_val_samples is None else int(target_val_samples)
         self.predict_domain = predict_domain
         self.predict_split = predict_split
+        self.source_sampler = source_sampler
+        for key, fractions in (("source_class_fractions", source_class_fractions),
+                               ("target_class_fractions", target_class_fractions)):
+            if fractions is not None and (len(fractions) == 0 or not all(0.0 <= float(f) <= 1.0 for f in fractions)
+                                          or not any(float(f) > 0 for f in fractions)):
+                raise DataError(f"{key}={list(fractions)} must list one fraction in [0, 1] per class, not all 0 "
+                                "(e.g. tlframe.label_shift.long_tail_fractions(10, 10)).")
+        self.source_class_fractions = None if source_class_fractions is None else [float(f) for f in source_class_fractions]
+        self.target_class_fractions = None if target_class_fractions is None else [float(f) for f in target_class_fractions]
         self.batch_size = int(batch_size)
         self.target_batch_size = int(target_batch_size or batch_size)
         self.iters_per_epoch = iters_per_epoch
@@ -230,11 +269,17 @@ class TransferDataModule(pl.LightningDataModule):
                 "folders (or class lists) of both domains match, same names in the same order."
             )
         full = self.source.dataset("train")
+        target_train, target_test = self.target.dataset("train"), self.target.dataset("test")
+        if self.target_class_fractions is not None:
+            target_train = self._fraction_subset(target_train, self.target_class_fractions, mix(self.split_seed, 4),
+                                                 f"target {self.target.name} train", "target_class_fractions")
+            target_test = self._fraction_subset(target_test, self.target_class_fractions, mix(self.split_seed, 5),
+                                                f"target {self.target.name} test", "target_class_fractions")
         datasets = {
             f"source {self.source.name} train": full,
             f"source {self.source.name} test": self.source.dataset("test"),
-            f"target {self.target.name} train": self.target.dataset("train"),
-            f"target {self.target.name} test": self.target.dataset("test"),
+            f"target {self.target.name} train": target_train,
+            f"target {self.target.name} test": target_test,
         }
         for what, ds in datasets.items():
             if len(ds) == 0:  # type: ignore[arg-type]
@@ -244,6 +289,10 @@ class TransferDataModule(pl.LightningDataModule):
             pool = list(range(len(full)))  # type: ignore[arg-type]
         else:
             pool = self._per_class_subset(full)
+        if self.source_class_fractions is not None:
+            kept = self._fraction_subset(Subset(full, pool), self.source_class_fractions, mix(self.split_seed, 3),
+                                         f"source {self.source.name} train", "source_class_fractions")
+            pool = [pool[i] for i in kept.indices]
         n = len(pool)
         n_val = 0 if self.val_fraction == 0 else min(max(1, round(n * self.val_fraction)), n - 1)
         if self.val_fraction > 0 and n_val == 0:
@@ -254,7 +303,6 @@ class TransferDataModule(pl.LightningDataModule):
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         source_train = Subset(full, sorted(pool[i] for i in perm[n_val:]))
         source_val = Subset(full, sorted(pool[i] for i in perm[:n_val]))
-        target_train = self.target.dataset("train")
         for role, ds, bs in (("source", source_train, self.batch_size),
                              ("target", target_train, self.target_batch_size)):
             if bs > len(ds):  # type: ignore[arg-type]
@@ -266,7 +314,7 @@ class TransferDataModule(pl.LightningDataModule):
                 )
         self.source_train, self.source_val = source_train, source_val
         self.source_test = self.source.dataset("test")
-        self.target_train, self.target_test = target_train, self.target.dataset("test")
+        self.target_train, self.target_test = target_train, target_test
         self.target_val = self._target_val_subset(self.target_test)
         self.predict_data = self._predict_data()
 
@@ -335,6 +383,34 @@ class TransferDataModule(pl.LightningDataModule):
             idx = torch.from_numpy(np.flatnonzero(labels == c))
             chosen.extend(idx[torch.randperm(len(idx), generator=generator)[:k]].tolist())
         return sorted(chosen)
+
+    def _fraction_subset(self, ds: Dataset, fractions: list[float], seed: int, what: str, key: str) -> Subset:
+        """``Subset`` of ``ds`` keeping ``round(fractions[c] * n_c)`` (at least 1 when > 0) random images of each class c."""
+        if len(fractions) != self.num_classes:
+            raise DataError(f"{key} has {len(fractions)} values but the domains have {self.num_classes} classes: "
+                            "give one fraction per class, in class order.")
+        labels = _true_labels_of(ds)
+        if (labels < 0).any():
+            raise DataError(f"{key}: the {what} split carries no labels, so its class proportions cannot be changed: "
+                            "use a data set with labels (its labels are read only to build the subset).")
+        generator = torch.Generator().manual_seed(seed)
+        counts = np.bincount(labels, minlength=self.num_classes)
+        chosen: list[int] = []
+        for c in range(self.num_classes):
+            idx = torch.from_numpy(np.flatnonzero(labels == c))
+            keep = 0 if fractions[c] == 0 else max(1, round(fractions[c] * len(idx)))
+            chosen.extend(idx[torch.randperm(len(idx), generator=generator)[:keep]].tolist())
+        kept = np.bincount(labels[chosen], minlength=self.num_classes)
+        rank_zero_info(f"tlframe: {key}: the {what} split keeps {len(chosen)} of {len(labels)} images, per class "
+                       f"{kept.tolist()} (of {counts.tolist()})")
+        return Subset(ds, sorted(chosen))
+
+    def source_class_counts(self) -> np.ndarray:
+        """Images per class of the source train split (after ``source_samples_per_class`` and the validation
+        hold-out), ``(num_classes,)`` int64, read without decoding images: the ``counts`` of
+        :func:`tlframe.label_shift.class_weights`."""
+        self._ensure_setup()
+        return np.bincount(_labels_of(self.source_train), minlength=self.num_classes).astype(np.int64)  # type: ignore[arg-type]
 
     def _ensure_setup(self) -> None:
         if self.source_train is None:
@@ -472,8 +548,12 @@ class TransferDataModule(pl.LightningDataModule):
         loaders = {}
         for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
                                             ("target", self.target_train, self.target_batch_size))):
-            sampler = EpochRandomSampler(len(ds), iters * bs, seed=mix(seed, i), start_epoch=start_epoch,  # type: ignore[arg-type]
-                                         skip=skip * bs, item_seeds=self.train_augmentation != "none")
+            common = dict(seed=mix(seed, i), start_epoch=start_epoch, skip=skip * bs,
+                          item_seeds=self.train_augmentation != "none")
+            if role == "source" and self.source_sampler == "balanced":
+                sampler = ClassBalancedSampler(_labels_of(ds), iters * bs, **common)  # type: ignore[arg-type]
+            else:
+                sampler = EpochRandomSampler(len(ds), iters * bs, **common)  # type: ignore[arg-type]
             loaders[role] = self._loader(ds, transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")
 
@@ -513,12 +593,37 @@ class TransferDataModule(pl.LightningDataModule):
         return self._loader(self.predict_data, self.eval_transform(), self.eval_batch_size, name)  # type: ignore[arg-type]
 
 
+def _unwrap(ds: Dataset) -> tuple[Dataset, Optional[np.ndarray]]:
+    """The dataset under ``ds``'s ``Subset`` wrappers and the indices into it of ``ds``'s items (None: all, in order)."""
+    indices = None
+    while isinstance(ds, Subset):
+        idx = np.asarray(ds.indices, dtype=np.int64)
+        indices = idx if indices is None else idx[indices]
+        ds = ds.dataset
+    return ds, indices
+
+
 def _labels_of(ds: Dataset) -> np.ndarray:
-    """Labels of a raw dataset: its ``labels`` array when it has one (no image decoding), else read item by item."""
-    labels = getattr(ds, "labels", None)
-    if labels is not None:
-        return np.asarray(labels, dtype=np.int64)
-    return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)  # type: ignore[arg-type]
+    """Labels of a raw dataset, as its items carry them: through ``Subset`` wrappers to the ``labels`` array of
+    the dataset below when it has one (no image decoding; ``-1`` everywhere when that dataset is unlabelled),
+    else read item by item."""
+    base, indices = _unwrap(ds)
+    if getattr(base, "labels", None) is None:
+        return np.asarray([int(ds[i][1]) for i in range(len(ds))], dtype=np.int64)  # type: ignore[arg-type]
+    if not getattr(base, "labelled", True):
+        return np.full(len(ds), NO_LABEL, dtype=np.int64)  # type: ignore[arg-type]
+    return _true_labels_of(ds)
+
+
+def _true_labels_of(ds: Dataset) -> np.ndarray:
+    """The true labels of a raw dataset, also when its domain is unlabelled (the raw ``labels`` array keeps them):
+    only to *build* a simulated split (``target_class_fractions``); ``-1`` where no label exists."""
+    base, indices = _unwrap(ds)
+    labels = getattr(base, "labels", None)
+    if labels is None:
+        return _labels_of(ds)
+    labels = np.asarray(labels, dtype=np.int64)
+    return labels if indices is None else labels[indices]
 
 
 def _per_channel(values, channels: int) -> tuple[float, ...]:
