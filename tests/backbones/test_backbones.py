@@ -7,6 +7,7 @@ from tlframe.backbones import BackboneError, backbone_stages, create_backbone, d
 
 @pytest.mark.parametrize("name, in_shape, num_features", [
     ("lenet", (1, 28, 28), 800),
+    ("lenet_tllib", (1, 28, 28), 500),
     ("dtn", (3, 32, 32), 4096),
     ("dann_cnn", (3, 28, 28), 768),
 ])

@@ -48,7 +48,8 @@ def test_format_wall_and_markdown_table():
 
 def _result(row, col, seed, last=None, status="done", wall=10.0):
     cell = Cell(row=row, col=col, seed=seed, out=Path("/o"), name=f"{row}/{col}/seed{seed}", args=[])
-    record = None if last is None else {"last": last, "oracle_max_over_epochs": last + 0.01, "wall_s": wall}
+    record = None if last is None else {"last": last, "oracle_max_over_epochs": last + 0.01, "wall_s": wall,
+                                        "last_step": 4999}  # validation after step 5000 is logged at 4999
     return RunResult(cell, status, record, error="" if record else "exit code 1; see log")
 
 
@@ -59,24 +60,73 @@ def test_cell_values_keep_seed_order_and_count_failures():
     assert common.cell_values(results, "u", "m", "last") == ([], 0)
 
 
-def test_digits_render_rows_references_oracle_and_failures():
+def test_digits_render_methods_as_rows_with_references_delta_oracle_and_failures():
     results = [_result("mnist2usps", "source_only", s, v, wall=w) for s, (v, w) in enumerate([(0.81, 100), (0.82, 110), (0.83, 120)])]
     results += [_result("mnist2usps", "dann", s, status="failed") for s in range(3)]
     results += [_result("mnist2mnistm", "mmd", 0, 0.5, status="skipped")]
+    results += [_result("mnist2usps", "cdan", 0, 0.935)]
     text = run_digits.render(results, ["mnist2usps", "mnist2mnistm"], "python benchmarks/digits/run_digits.py",
                              Path("/o"), [], [0, 1, 2], ["- machine: test"], "2000-01-01")
     lines = text.splitlines()
-    assert "| task | source only | ref. | DANN | ref. | DAN (MMD) | ref. |" in lines
-    assert "| MNIST → USPS | 82.0 ± 1.0 (n=3) | 82.1 | failed (3 runs) | 91.7 | not run | 86.0 |" in lines
-    assert "| MNIST → MNIST-M | not run | 52.25 | not run | 76.66 | 50.0 (n=1) | – |" in lines
-    assert "| MNIST → USPS | 83.0 ± 1.0 (n=3) | failed (3 runs) | not run |" in lines  # oracle = last + 1 point
-    assert "| MNIST → USPS | 110 s | – | – |" in lines
+    assert ("| method | MNIST → USPS | ref. | Δ | MNIST → MNIST-M | ref. | Δ | steps |") in lines
+    assert "| source only | 82.0 ± 1.0 (n=3) | 82.1 | −0.1 ✓ | not run | 52.25 | – | 5000 |" in lines
+    assert "| DANN | failed (3 runs) | 91.7 | – | not run | 76.66 | – | – |" in lines
+    assert "| DAN (MMD) | not run | 86.0 | – | 50.0 (n=1) | – | – | 5000 |" in lines
+    # 93.5 vs 96.0: more than 2 points below; no config for MNIST -> MNIST-M: "–"
+    assert "| CDAN | 93.5 (n=1) | 96.0 | −2.5 ✗ | – | – | – | 5000 |" in lines
+    assert "| MDD+MCC | not run | – | – | – | – | – | – |" in lines
+    assert sum(1 for line in lines if line.startswith("| ")) == 3 * (1 + len(run_digits.METHODS))  # 3 tables
+    # oracle (= last + 1 point) with the references, wall time: same rows and task columns
+    assert "| method | MNIST → USPS | ref. | MNIST → MNIST-M | ref. |" in lines
+    assert "| source only | 83.0 ± 1.0 (n=3) | 82.1 | not run | 52.25 |" in lines
+    assert "| method | MNIST → USPS | MNIST → MNIST-M |" in lines
+    assert "| source only | 110 s | – |" in lines and "| CDAN | 10 s | – |" in lines
     assert "## Oracle (not a valid DA result)" in lines and "- machine: test" in lines
     assert "ddof=1" in text and "`python benchmarks/digits/run_digits.py`" in text and "2000-01-01" in text
     assert "- `mnist2usps/dann/seed0`: exit code 1; see log" in lines
+    assert "5,000 steps" in text and "lenet_tllib" in text and "1024" in text and "500-unit bottleneck" not in text
     assert "Shortened runs" not in text
     assert "Shortened runs" in run_digits.render(results, ["mnist2usps"], "x", Path("/o"), ["--trainer.max_steps=3"],
                                                  [0], [], "d")
+
+
+@pytest.mark.parametrize("values, ref, expected", [
+    ([0.90, 0.92], "90.0", "+1.0 ✓"), ([0.88], "90.0", "−2.0 ✓"), ([0.879], "90.0", "−2.1 ✗"),
+    ([], "90.0", "–"), ([0.9], "–", "–"),
+])
+def test_delta_cell(values, ref, expected):
+    assert run_digits.delta_cell(values, ref) == expected
+
+
+def test_digits_methods_references_and_configs():
+    assert list(run_digits.METHODS) == ["source_only", "dann", "mmd", "cdan", "cdan_e", "jan", "mcc", "mdd", "afn",
+                                        "coral", "bsp_dann", "dann_mcc", "mdd_mcc"]
+    refs = {m: (run_digits.REFERENCE.get(("mnist2usps", m)), run_digits.REFERENCE.get(("usps2mnist", m)))
+            for m in ("jan", "cdan", "mdd", "mcc", "afn", "bsp_dann", "cdan_e", "coral", "dann_mcc", "mdd_mcc")}
+    assert refs == {"jan": ("84.0", "86.8"), "cdan": ("96.0", "97.7"), "mdd": ("94.8", "97.8"), "mcc": ("95.1", "94.6"),
+                    "afn": ("88.6", "97.2"), "bsp_dann": ("95.7", "97.8"), "cdan_e": (None, None),
+                    "coral": (None, None), "dann_mcc": (None, None), "mdd_mcc": (None, None)}
+    for task in ("mnist2usps", "usps2mnist"):
+        assert all(run_digits.default_cell(task, m) for m in run_digits.METHODS)
+    assert [m for m in run_digits.METHODS if run_digits.has_config("mnist2mnistm", m)] == ["source_only", "dann", "mmd"]
+    assert not run_digits.default_cell("mnist2mnistm", "mmd")  # a config, no published number: --all-cells only
+
+
+def test_digits_configs_use_tllibs_lenet_and_heads():
+    import yaml
+
+    expected = {  # method: (bottleneck_dim, bottleneck_dropout, discriminator hidden or None)
+        "source_only": (0, 0.0, None), "dann": (256, 0.0, 1024), "mmd": (256, 0.5, None), "cdan": (256, 0.0, 1024),
+        "cdan_e": (256, 0.0, 1024), "jan": (256, 0.5, None), "mcc": (256, 0.0, None), "mdd": (1024, 0.5, None),
+        "afn": (1000, 0.0, None), "coral": (256, 0.0, None), "bsp_dann": (256, 0.0, 1024),
+        "dann_mcc": (256, 0.0, 1024), "mdd_mcc": (1024, 0.5, None),
+    }
+    for task in ("mnist2usps", "usps2mnist"):
+        for method, (dim, dropout, hidden) in expected.items():
+            model = yaml.safe_load(run_digits.config_path(task, method).read_text())["model"]
+            assert model["backbone"] == "lenet_tllib", (task, method)
+            assert (model["bottleneck_dim"], model["bottleneck_dropout"]) == (dim, dropout), (task, method)
+            assert model["strategy"]["init_args"].get("hidden") == hidden, (task, method)
 
 
 def test_summarize_and_read_scalars(tmp_path):
@@ -125,6 +175,8 @@ def test_digits_runs_only_cells_with_a_reference_unless_all_cells(tmp_path):
             "--results", str(tmp_path / "digits.md")]
     with pytest.raises(SystemExit, match="has a published number: add --all-cells"):
         run_digits.main(args)
+    with pytest.raises(SystemExit, match="no config for the selected"):  # CDAN is set up for MNIST <-> USPS only
+        run_digits.main([*args[:3], "cdan", *args[4:]])
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits.md").exists()
 
 
@@ -219,8 +271,11 @@ def test_run_digits_one_short_cell_then_resume(shared_data, tmp_path):
     assert "configs/digits/mnist2usps/dann.yaml --seed_everything=0 --trainer.max_steps=3" in done["command"]
     assert f"TLFRAME_DATA_ROOT={shared_data}" in done["command"] and (run_dir / "checkpoints" / "last.ckpt").is_file()
     table = (tmp_path / "digits.md").read_text()
-    row = f"| MNIST → USPS | not run | 82.1 | {100 * done['last']:.1f} (n=1) | 91.7 | not run | 86.0 |"
-    assert row in table.splitlines() and "Shortened runs" in table and "run_digits.py --tasks mnist2usps" in table
+    delta = run_digits.delta_cell([done["last"]], "91.7")
+    row = f"| DANN | {100 * done['last']:.1f} (n=1) | 91.7 | {delta} | 3 |"  # the 3 steps of --trainer.max_steps=3
+    assert done["last_step"] == 2 and row in table.splitlines()
+    assert "| source only | not run | 82.1 | – | – |" in table.splitlines()
+    assert "Shortened runs" in table and "run_digits.py --tasks mnist2usps" in table
     # resumable: the second invocation finds done.json and does not run again
     stamp = (run_dir / "done.json").stat().st_mtime_ns
     second = _script("run_digits.py", *args)

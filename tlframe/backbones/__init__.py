@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from tlframe.backbones import digits  # noqa: F401  (registers lenet, dtn, dann_cnn in timm)
+from tlframe.backbones import digits  # noqa: F401  (registers lenet, lenet_tllib, dtn, dann_cnn in timm)
 
 __all__ = ["BackboneError", "create_backbone", "load_backbone_weights", "backbone_stages", "data_config", "weight_source"]
 
@@ -38,7 +38,7 @@ def create_backbone(name: str, pretrained: bool = False, weights: Optional[str] 
         hint = f" Close matches: {', '.join(close)}." if close else ""
         raise BackboneError(
             f"Unknown backbone '{name}'.{hint} Any name from timm.list_models() works, plus tlframe's "
-            "digit networks 'lenet', 'dtn' and 'dann_cnn'."
+            "digit networks 'lenet', 'lenet_tllib', 'dtn' and 'dann_cnn'."
         )
     if drop_path_rate is not None:
         model_kwargs["drop_path_rate"] = drop_path_rate

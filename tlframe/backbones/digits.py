@@ -4,8 +4,11 @@ Registering them with ``timm.models.register_model`` puts them behind the same d
 every other backbone: ``timm.create_model("lenet", num_classes=0)``, ``group_matcher``
 for stage freezing, ``pretrained_cfg`` for the input transform.
 
-- ``lenet``: LeNet as used for MNIST<->USPS in TLlib's digits benchmark
-  (1x28x28 input, 800 features).
+- ``lenet``: the convolutional part of TLlib's digits LeNet (1x28x28 input, 800 features:
+  conv 20 - pool - ReLU - conv 50 - 2-d dropout - pool - ReLU, flattened).
+- ``lenet_tllib``: TLlib's digits LeNet in full (``tllib/vision/models/digits.py``, 500 features):
+  the two conv stages of ``lenet`` plus a third stage Linear(800, 500) - ReLU - Dropout(0.5), so the
+  dropout acts before the bottleneck, as in TLlib's MNIST<->USPS benchmark.
 - ``dtn``: the "DTN" network of the ADDA/CyCADA digits experiments
   (3x32x32 input, 4096 features).
 - ``dann_cnn``: the small CNN of Ganin & Lempitsky (ICML 2015) for MNIST->MNIST-M
@@ -76,6 +79,12 @@ def _lenet_stages(in_chans: int) -> tuple[list[nn.Module], int]:
     return stages, 50 * 4 * 4
 
 
+def _lenet_tllib_stages(in_chans: int) -> tuple[list[nn.Module], int]:
+    stages, conv_features = _lenet_stages(in_chans)
+    fc = nn.Sequential(nn.Flatten(1), nn.Linear(conv_features, 500), nn.ReLU(), nn.Dropout(0.5))
+    return [*stages, fc], 500
+
+
 def _dtn_stages(in_chans: int) -> tuple[list[nn.Module], int]:
     def block(cin: int, cout: int, p: float) -> nn.Module:
         return nn.Sequential(nn.Conv2d(cin, cout, 5, stride=2, padding=2), nn.BatchNorm2d(cout), nn.Dropout2d(p), nn.ReLU())
@@ -91,7 +100,7 @@ def _dann_cnn_stages(in_chans: int) -> tuple[list[nn.Module], int]:
     return stages, 48 * 4 * 4
 
 
-_STAGE_BUILDERS = {"lenet": _lenet_stages, "dtn": _dtn_stages, "dann_cnn": _dann_cnn_stages}
+_STAGE_BUILDERS = {"lenet": _lenet_stages, "lenet_tllib": _lenet_tllib_stages, "dtn": _dtn_stages, "dann_cnn": _dann_cnn_stages}
 
 
 def _cfg(in_chans: int, size: int, mean: float = 0.5, std: float = 0.5) -> dict:
@@ -104,6 +113,7 @@ def _cfg(in_chans: int, size: int, mean: float = 0.5, std: float = 0.5) -> dict:
 
 default_cfgs = generate_default_cfgs({
     "lenet": _cfg(1, 28),
+    "lenet_tllib": _cfg(1, 28),
     "dtn": _cfg(3, 32),
     "dann_cnn": _cfg(3, 28),
 })
@@ -123,6 +133,12 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> DigitNet:
 def lenet(pretrained: bool = False, **kwargs: Any) -> DigitNet:
     """LeNet for 1x28x28 digits (TLlib digits benchmark), 800 features."""
     return _create("lenet", pretrained, **kwargs)
+
+
+@register_model
+def lenet_tllib(pretrained: bool = False, **kwargs: Any) -> DigitNet:
+    """TLlib's digits LeNet: ``lenet`` + Linear(800, 500) - ReLU - Dropout(0.5) as a third stage, 500 features."""
+    return _create("lenet_tllib", pretrained, **kwargs)
 
 
 @register_model
