@@ -5,8 +5,10 @@ al. 2005) is a transfer result worse than what the target data alone give. A run
 
 - **source-only**: the same run (backbone, data, budget, seed, optimizer, fine-tuning recipe) with the
   strategy replaced by :class:`~tlframe.strategies.FineTune`, keeping every argument FineTune has (LR
-  multipliers, freezing, label smoothing) and dropping the adaptation's (its loss terms included); the target
-  is then only evaluated, never trained on. Only for runs whose strategy trains on the target (``uses_target``,
+  multipliers, freezing, label smoothing, class weights, and the fine-tuning ``regularization``: L2-SP, BSS,
+  DELTA, which are part of the fine-tuning recipe) and dropping the adaptation's (its loss terms included);
+  the target is then only evaluated, never trained on. So a DANN + L2-SP run is compared with FineTune +
+  L2-SP: the difference is the adaptation alone. Only for runs whose strategy trains on the target (``uses_target``,
   or extra loss ``terms``): any other run is its own source-only result.
 - **target-only**: FineTune trained on the *target* domain's labelled ``train`` split alone, reduced to
   ``labels_per_class`` images per class (``None``: all of them), and evaluated on the target ``test``

@@ -1,7 +1,8 @@
 """The math of domain adaptation, as pure tensor functions.
 
 Reference semantics are those of the Transfer-Learning-Library (TLlib): DANN, DAN, CDAN, JAN,
-MDD, MCC, BSP, AFN and CORAL, so that published numbers can be compared; every knowing
+MDD, MCC, BSP, AFN and CORAL, and the fine-tuning regularisers of ``tllib/regularization`` (L2-SP,
+BSS, DELTA), so that published numbers can be compared; every knowing
 difference is an option and documented here. Every loss is computed in float32 (float64 stays
 float64), also under autocast, and is vectorised over the batch.
 """
@@ -9,7 +10,7 @@ float64), also under autocast, and is vectorised over the batch.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch.nn import functional as F
@@ -18,6 +19,7 @@ __all__ = [
     "gradient_reverse", "warm_start_coefficient", "domain_adversarial_loss", "mk_mmd", "gaussian_kernel_sum",
     "entropy", "minimum_class_confusion", "multilinear_map", "randomized_multilinear_map", "cdan_entropy_weights",
     "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
+    "l2_sp", "l2_penalty", "batch_spectral_shrinkage", "delta_feature_map_loss", "delta_channel_attention",
 ]
 
 #: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
@@ -359,3 +361,132 @@ def coral(f_s: torch.Tensor, f_t: torch.Tensor, scale: str = "tllib") -> torch.T
             d = xs.shape[1]
             return (cov_diff ** 2).sum() / (4.0 * d * d)
         return ((mean_s - mean_t) ** 2).mean() + (cov_diff ** 2).mean()
+
+
+# --------------------------------------------------------------------------- fine-tuning regularisers
+def l2_sp(params: Sequence[torch.Tensor], source_params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2-SP, the starting-point penalty (Li, Grandvalet and Davoine, ICML 2018; TLlib ``SPRegularization``).
+
+    ``0.5 * sum_k ||w_k - w0_k||^2`` (squared Frobenius norms, summed over the tensors ``k``, no mean), for
+    ``params`` ``w_k`` of any shapes and the starting weights ``source_params`` ``w0_k`` of the same shapes,
+    in the same order. The gradient w.r.t. ``w_k`` is ``w_k - w0_k``; ``w0`` gets none (use buffers or
+    detached tensors). TLlib writes ``0.5 * torch.norm(w - w0) ** 2`` per tensor: the same value, and here the
+    gradient is also exact at ``w == w0`` (0, where a norm's gradient is 0/0). The paper's penalty is
+    ``alpha/2 ||w - w0||^2``: multiply by ``alpha``. Computed in float32 (float64 stays float64), also under
+    autocast. Returns a scalar (0 for empty lists).
+    """
+    params, source_params = list(params), list(source_params)
+    if len(params) != len(source_params):
+        raise ValueError(f"l2_sp: {len(params)} parameters for {len(source_params)} starting weights")
+    for i, (w, w0) in enumerate(zip(params, source_params)):
+        if w.shape != w0.shape:
+            raise ValueError(f"l2_sp: parameter {i} has shape {tuple(w.shape)}, its starting weights {tuple(w0.shape)}")
+    dtype = _loss_dtype(*params, *source_params)
+    if not params:
+        return torch.zeros((), dtype=dtype)
+    with torch.autocast(device_type=params[0].device.type, enabled=False):
+        total = torch.zeros((), dtype=dtype, device=params[0].device)
+        for w, w0 in zip(params, source_params):
+            d = w.to(dtype) - w0.detach().to(dtype)
+            total = total + (d * d).sum()
+        return 0.5 * total
+
+
+def l2_penalty(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``0.5 * sum_k ||w_k||^2`` (TLlib ``L2Regularization``): L2-SP's and DELTA's penalty on the new head
+    (weight ``beta``), i.e. :func:`l2_sp` towards zero. Float32 (float64 stays float64); scalar."""
+    params = list(params)
+    dtype = _loss_dtype(*params)
+    if not params:
+        return torch.zeros((), dtype=dtype)
+    with torch.autocast(device_type=params[0].device.type, enabled=False):
+        total = torch.zeros((), dtype=dtype, device=params[0].device)
+        for w in params:
+            w = w.to(dtype)
+            total = total + (w * w).sum()
+        return 0.5 * total
+
+
+def batch_spectral_shrinkage(features: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Batch Spectral Shrinkage (Chen et al., NeurIPS 2019; TLlib ``BatchSpectralShrinkage``).
+
+    ``sum_{i=1..k} sigma_{-i}^2``: the squares of the ``k`` *smallest* singular values of the batch feature
+    matrix ``features`` ``(N, D)`` (raw, not centred; ``min(N, D)`` singular values). Shrinking them
+    suppresses the weak spectral components, which the paper links to negative transfer and
+    catastrophic forgetting in fine-tuning. TLlib takes ``svd(features.T)``: the same singular values.
+    TLlib's example weight is ``0.001`` with ``k = 1``. Needs ``1 <= k <= min(N, D)`` (TLlib would wrap
+    around to the largest values). Float32 (float64 stays float64), also under autocast; scalar.
+    """
+    if features.ndim != 2:
+        raise ValueError(f"batch_spectral_shrinkage: features must be (N, D), got shape {tuple(features.shape)}")
+    if not 1 <= k <= min(features.shape):
+        raise ValueError(f"batch_spectral_shrinkage needs 1 <= k <= min(N, D) = {min(features.shape)}, got k={k}")
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        sv = torch.linalg.svdvals(features.to(_loss_dtype(features)))  # descending
+        return (sv[-k:] ** 2).sum()
+
+
+def delta_feature_map_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                           attention: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """DELTA's behavioural (feature-map) regulariser (Li et al., ICLR 2019), TLlib's two variants.
+
+    ``student[j]`` / ``teacher[j]``: the feature maps of layer ``j`` of the model being fine-tuned and of
+    the frozen starting model on the same images, ``(B, C_j, H_j, W_j)`` (the teacher's are detached here).
+
+    - ``attention=None`` (TLlib ``BehavioralRegularization``)::
+
+          sum_j 0.5 * ||FM_j(student) - FM_j(teacher)||_F^2
+
+      summed over batch, channels and positions (no mean); any shapes ``(B, ...)``.
+    - ``attention[j]`` ``(C_j,)``, channel weights summing to 1 (:func:`delta_channel_attention`; TLlib
+      ``AttentionBehavioralRegularization``)::
+
+          sum_j 0.5 * sum_{b, c} C_j * a_{j,c} * ||FM_{j,b,c}(student) - FM_{j,b,c}(teacher)||^2 / (H_j W_j)
+
+      (``||.||`` over the ``H_j W_j`` positions): uniform weights ``a = 1/C`` give the attention-free value
+      divided by ``H_j W_j``, so the two variants want different weights, as in TLlib.
+
+    Both sum over the batch (the value grows with the batch size), as TLlib does. Float32 (float64 stays
+    float64), also under autocast; scalar.
+    """
+    student, teacher = list(student), list(teacher)
+    if len(student) != len(teacher) or not student:
+        raise ValueError(f"delta_feature_map_loss: {len(student)} student and {len(teacher)} teacher feature maps "
+                         "(need the same non-zero number)")
+    if attention is not None and len(attention) != len(student):
+        raise ValueError(f"delta_feature_map_loss: {len(attention)} attention vectors for {len(student)} layers")
+    with torch.autocast(device_type=student[0].device.type, enabled=False):
+        dtype = _loss_dtype(*student, *teacher)
+        total = torch.zeros((), dtype=dtype, device=student[0].device)
+        for j, (s, t) in enumerate(zip(student, teacher)):
+            if s.shape != t.shape:
+                raise ValueError(f"delta_feature_map_loss: layer {j}: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+            d = s.to(dtype) - t.detach().to(dtype)
+            if attention is None:
+                total = total + 0.5 * (d * d).sum()
+                continue
+            if d.ndim != 4:
+                raise ValueError(f"delta_feature_map_loss: channel attention needs (B, C, H, W) maps; layer {j} "
+                                 f"has shape {tuple(d.shape)}")
+            b, c, h, w = d.shape
+            a = attention[j].to(device=d.device, dtype=dtype).reshape(-1)
+            if a.numel() != c:
+                raise ValueError(f"delta_feature_map_loss: layer {j} has {c} channels, its attention {a.numel()}")
+            per_channel = (d * d).sum(dim=(2, 3))  # (B, C): ||FM_bc(student) - FM_bc(teacher)||^2
+            total = total + 0.5 * (c * a * per_channel / (h * w)).sum()
+        return total
+
+
+def delta_channel_attention(loss_increase: torch.Tensor, temperature: float = 5.0) -> torch.Tensor:
+    """DELTA's channel attention of one layer from the loss increase when each channel is removed.
+
+    ``loss_increase`` ``(C,)``: ``L(model without channel c) - L(model)`` of the starting model (with a
+    classifier for the task) on labelled batches. Standardised (``(x - mean) / std``, population std) and
+    ``softmax(z / temperature)`` (TLlib's example: ``temperature = 5``): ``(C,)`` weights summing to 1, a
+    channel whose removal hurts more weighs more. All-equal increases give uniform weights ``1/C``.
+    Float32 (float64 stays float64).
+    """
+    x = loss_increase.reshape(-1).to(_loss_dtype(loss_increase))
+    std = x.std(unbiased=False) if x.numel() > 1 else x.new_zeros(())
+    z = (x - x.mean()) / std if float(std) > 0 else torch.zeros_like(x)
+    return torch.softmax(z / temperature, dim=0)

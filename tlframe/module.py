@@ -133,6 +133,9 @@ class TransferModule(pl.LightningModule):
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
         self.strategy = strategy if strategy is not None else FineTune()
         self.strategy.attach(self.backbone, self.head, num_classes)
+        ignored = [f"strategy.{n}" for n in self.strategy.ddp_ignored()]
+        if ignored:  # frozen starting state (L2-SP's w0, DELTA's teacher): no DDP broadcast, no gradient sync
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
         self.feature_cache: Optional[FeatureCache] = None
         if self.strategy.cache_features != "none":
             self.feature_cache = FeatureCache(self.strategy.cache_features, self.backbone, self.backbone_id)
@@ -162,6 +165,7 @@ class TransferModule(pl.LightningModule):
             dm.set_data_config(self.data_config)
         if dm is not None and hasattr(dm, "use_feature_cache"):
             dm.use_feature_cache(self.feature_cache)  # features are built lazily, on this module's device
+        self.strategy.on_setup(stage, dm)  # e.g. class weights from the source class counts
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
             strategy.checkpoint_io = AtomicCheckpointIO()
@@ -203,6 +207,7 @@ class TransferModule(pl.LightningModule):
         # The run's length in optimizer steps, from the trainer's settings (so the same after resume).
         total = self.trainer.estimated_stepping_batches
         self._total_steps = int(total) if math.isfinite(total) else None
+        self.strategy.on_train_start(self.progress, self.trainer)
 
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

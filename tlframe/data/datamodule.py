@@ -412,6 +412,16 @@ class TransferDataModule(pl.LightningDataModule):
         self._ensure_setup()
         return np.bincount(_labels_of(self.source_train), minlength=self.num_classes).astype(np.int64)  # type: ignore[arg-type]
 
+    def source_train_sample(self, num: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` images of the source train split (all when it has fewer), drawn at random with a generator
+        seeded by ``seed`` and seen through the *eval* transform: ``(images (n, C, H, W), labels (n,))``, the
+        same on every DDP rank and in every run with that seed (e.g. DELTA's channel attention)."""
+        self._ensure_setup()
+        ds = TransformedDataset(self.source_train, self.eval_transform(), self.image_mode)  # type: ignore[arg-type]
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:num].tolist()
+        items = [ds[i] for i in order]
+        return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
+
     def _ensure_setup(self) -> None:
         if self.source_train is None:
             self.setup("fit")

@@ -2,10 +2,12 @@
 
 Strategies that train on the target (:class:`Adaptation` and its subclasses: DANN, MMD, CDAN, JAN, MCC, MDD,
 AFN, CORAL) take extra weighted loss ``terms`` (EntropyTerm, MCCTerm, BSPTerm, MMDTerm, JMMDTerm, CORALTerm,
-AFNTerm): see :mod:`tlframe.strategies.terms`.
+AFNTerm): see :mod:`tlframe.strategies.terms`. Every fine-tuning strategy (FineTune and the adaptation
+strategies) takes ``regularization`` (L2SP, BSS, DELTA): see :mod:`tlframe.strategies.regularization`.
 """
 
 from tlframe.strategies.base import Progress, Strategy, StrategyOutput, TransferStep
+from tlframe.strategies.regularization import BSS, DELTA, L2SP, Regularizer
 from tlframe.strategies.finetune import FineTune, FrozenFeatures
 from tlframe.strategies.terms import (AFNTerm, Adaptation, BSPTerm, CORALTerm, EntropyTerm, JMMDTerm, LossTerm,
                                       MCCTerm, MMDTerm)
@@ -14,4 +16,5 @@ from tlframe.strategies.shelf import AFN, CDAN, CORAL, JAN, MCC, MDD, L2Preserve
 
 __all__ = ["Progress", "Strategy", "StrategyOutput", "TransferStep", "FineTune", "FrozenFeatures", "Adaptation",
            "DANN", "MMD", "DomainDiscriminator", "CDAN", "JAN", "MCC", "MDD", "AFN", "CORAL", "L2PreservedDropout",
-           "LossTerm", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm", "AFNTerm"]
+           "LossTerm", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm", "AFNTerm",
+           "Regularizer", "L2SP", "BSS", "DELTA"]

@@ -5,9 +5,13 @@ the LightningModule's ``state_dict``, move to the device and are wrapped by DDP)
 ``TransferModule`` calls, in order:
 
 1. ``attach(backbone, head, num_classes)`` once at construction: build extra modules,
-   apply permanent freezing (``requires_grad=False``);
-2. ``param_groups(backbone, head)`` once in ``configure_optimizers``;
-3. per step: ``on_train_batch_start(backbone, progress)`` (BN/eval modes of frozen parts),
+   apply permanent freezing (``requires_grad=False``); then ``ddp_ignored()`` once (state that
+   DDP must neither broadcast nor synchronise, e.g. L2-SP's starting weights);
+2. ``on_setup(stage, datamodule)`` in the module's ``setup`` (e.g. the source class counts of
+   class-weighted cross-entropy);
+3. ``param_groups(backbone, head)`` once in ``configure_optimizers``;
+4. ``on_train_start(progress, trainer)`` when training starts (after a resume's restore);
+5. per step: ``on_train_batch_start(backbone, progress)`` (BN/eval modes of frozen parts),
    the forward pass, ``compute(step) -> StrategyOutput``, and
    ``on_before_optimizer_step(backbone, progress)`` (drop gradients of parts frozen now).
 
@@ -18,13 +22,14 @@ never a counter of the strategy's own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.nn import functional as F
 
-from tlframe.checks import check_number
+from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, trainable
 
@@ -83,6 +88,16 @@ class Strategy(nn.Module):
             batches, so each domain is normalised with its own batch statistics and the running
             statistics see both in turn (reference DAN).
         label_smoothing: label smoothing of the source cross-entropy.
+        class_weights: class-weighted source cross-entropy against a class-imbalanced source:
+            ``"none"`` (default), ``"inverse"`` (``w_c ∝ 1 / n_c``) or ``"effective"`` (the inverse
+            effective number of samples ``(1 - beta) / (1 - beta ** n_c)``, Cui et al., CVPR 2019),
+            from the class counts ``n_c`` of the source *train* split (the data module's
+            ``source_class_counts()``, read at ``setup``), normalised to sum to the number of
+            classes (:func:`tlframe.label_shift.class_weights`). The loss is Cui et al.'s
+            ``1/N sum_i w_{y_i} CE_i`` (a mean over the batch, not PyTorch's ``sum w CE / sum w``;
+            ``CE_i`` with ``label_smoothing``). The weights sit in the buffer ``class_weight``
+            (in the checkpoint). Target labels are never read.
+        class_weight_beta: ``beta`` of ``class_weights: effective``, in ``[0, 1)``.
     """
 
     uses_target: bool = False
@@ -91,16 +106,52 @@ class Strategy(nn.Module):
     cache_features: CacheMode = "none"
 
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, class_weights: Literal["none", "inverse", "effective"] = "none",
+                 class_weight_beta: float = 0.999):
         super().__init__()
         check_number("head_lr_mult", head_lr_mult, low=0)
         check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
+        if class_weights not in ("none", "inverse", "effective"):
+            raise ConfigError(f"class_weights={class_weights!r} must be 'none', 'inverse' (1 / class count) or "
+                              "'effective' (inverse effective number of samples, with class_weight_beta)")
+        check_number("class_weight_beta", class_weight_beta, low=0, high=1, high_open=True)
         self.head_lr_mult = head_lr_mult
         self.bn_policy = bn_policy
         self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
+        self.class_weight_beta = float(class_weight_beta)
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
-        """Called once with the model parts; build extra modules and apply permanent freezing here."""
+        """Called once with the model parts; build extra modules and apply permanent freezing here.
+        Subclasses call ``super().attach(...)`` (the base registers the ``class_weight`` buffer)."""
+        if self.class_weights != "none":
+            # placeholder values (equal weights) until on_setup reads the source class counts
+            self.register_buffer("class_weight", torch.ones(num_classes))
+
+    def ddp_ignored(self) -> list[str]:
+        """Names (relative to the strategy) of parameters and buffers that DDP must neither broadcast nor
+        synchronise (frozen copies of the starting model that never change); none by default."""
+        return []
+
+    def on_setup(self, stage: str, datamodule: Any) -> None:
+        """The module's ``setup(stage)``: with ``class_weights``, read the source train class counts for ``fit``."""
+        if self.class_weights == "none" or stage != "fit":
+            return
+        if datamodule is None or not hasattr(datamodule, "source_class_counts"):
+            raise ConfigError(f"class_weights: {self.class_weights} needs the source class counts: train with "
+                              "tlframe's TransferDataModule (data: ...) or set class_weights: none")
+        from tlframe.label_shift import class_weights as weights_of
+
+        counts = datamodule.source_class_counts()
+        if len(counts) != self.class_weight.numel():
+            raise ConfigError(f"class_weights: the data has {len(counts)} classes, the model {self.class_weight.numel()}")
+        weights = weights_of(counts, self.class_weights, self.class_weight_beta)
+        self.class_weight.copy_(torch.as_tensor(weights, dtype=self.class_weight.dtype))
+        rank_zero_info(f"tlframe: class_weights={self.class_weights}: source train counts {list(map(int, counts))} -> "
+                       f"weights {[round(float(w), 4) for w in weights]}")
+
+    def on_train_start(self, progress: Progress, trainer: Any) -> None:
+        """Training starts (``progress.step == 0`` on a fresh run; after a resume's restore otherwise)."""
 
     def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
         """Parameter groups with ``lr_mult``; the base trains only the head."""
@@ -113,7 +164,12 @@ class Strategy(nn.Module):
         """Drop gradients of parameters that the schedule freezes at ``progress``."""
 
     def classification_loss(self, step: TransferStep) -> torch.Tensor:
-        return F.cross_entropy(step.logits_s, step.y_s, label_smoothing=self.label_smoothing)
+        """Source cross-entropy (``label_smoothing``), class-weighted with ``class_weights``."""
+        if self.class_weights == "none":
+            return F.cross_entropy(step.logits_s, step.y_s, label_smoothing=self.label_smoothing)
+        per_sample = F.cross_entropy(step.logits_s.float(), step.y_s, reduction="none",
+                                     label_smoothing=self.label_smoothing)
+        return (self.class_weight[step.y_s] * per_sample).mean()
 
     def compute(self, step: TransferStep) -> StrategyOutput:
         """Loss terms for one step; subclasses add their transfer terms to ``{"cls": ...}``."""

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from torch import nn
 
 from tlframe.backbones import backbone_stages
-from tlframe.checks import check_number
+from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, frozen_stage_count, stage_lr_multipliers
-from tlframe.strategies.base import Progress, Strategy
+from tlframe.strategies.base import Progress, Strategy, StrategyOutput, TransferStep
+from tlframe.strategies.regularization import Regularizer
 
 __all__ = ["FineTune", "FrozenFeatures"]
 
@@ -47,14 +48,23 @@ class FineTune(Strategy):
         layer_decay: layer-wise LR decay: stage ``i`` of ``S`` gets
             ``backbone_lr_mult * layer_decay ** (S - 1 - i)``.
         freeze_bn_stats: keep normalisation layers of frozen stages in eval mode.
-        head_lr_mult, bn_policy, label_smoothing: see :class:`Strategy`.
+        regularization: fine-tuning regularisers that keep the model near its starting point
+            (``class_path``/``init_args`` in YAML): :class:`~tlframe.strategies.L2SP`,
+            :class:`~tlframe.strategies.BSS`, :class:`~tlframe.strategies.DELTA` (see
+            :mod:`tlframe.strategies.regularization`). Each adds its weighted losses (``train/loss_<name>``);
+            L2-SP turns the optimizer's weight decay off for the backbone group(s). Part of the fine-tuning
+            recipe: a run's source-only baseline keeps them.
+        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta: see :class:`Strategy`.
     """
 
     def __init__(self, backbone_lr_mult: float = 0.1, freeze_stages: int = 0, unfreeze_every: Optional[int] = None,
                  unfreeze_unit: Literal["epoch", "step"] = "epoch", layer_decay: Optional[float] = None,
-                 freeze_bn_stats: bool = True, head_lr_mult: float = 1.0,
-                 bn_policy: Literal["joint", "separate"] = "joint", label_smoothing: float = 0.0):
-        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing)
+                 freeze_bn_stats: bool = True, regularization: Optional[list[Regularizer]] = None,
+                 head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
+                 label_smoothing: float = 0.0, class_weights: Literal["none", "inverse", "effective"] = "none",
+                 class_weight_beta: float = 0.999):
+        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing,
+                         class_weights=class_weights, class_weight_beta=class_weight_beta)
         if unfreeze_every is not None and unfreeze_every <= 0:
             raise ValueError(f"unfreeze_every must be a positive number of {unfreeze_unit}s or null, got {unfreeze_every}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
@@ -68,15 +78,48 @@ class FineTune(Strategy):
         self.layer_decay = layer_decay
         self.freeze_bn_stats = freeze_bn_stats
         self._stage_names: list[list[str]] = []  # derived from the backbone in attach()
+        self.regularization = nn.ModuleList(self._checked_regularization(regularization))
+
+    def _checked_regularization(self, regularization: Optional[list[Regularizer]]) -> list[Regularizer]:
+        regs = list(regularization or [])
+        for i, reg in enumerate(regs):
+            if not isinstance(reg, Regularizer):
+                raise ConfigError(f"regularization[{i}] is a {type(reg).__name__}, not a regulariser: give class_path: "
+                                  "tlframe.strategies.L2SP, BSS or DELTA with its init_args")
+        names = [n for reg in regs for n in reg.loss_names]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"two regularisers' losses are named {dup[0]!r}: give one of them another name "
+                              f"(init_args: {{name: {dup[0]}2}})")
+        own = getattr(self, "own_losses", ("cls",))
+        for reg in regs:
+            for n in reg.loss_names:
+                if n in own:
+                    raise ConfigError(f"the regulariser loss name {n!r} is taken by {type(self).__name__}'s own "
+                                      f"losses {list(own)}: give the {type(reg).__name__} another name "
+                                      f"(init_args: {{name: {reg.name}2}})")
+        return regs
+
+    @property
+    def regularization_loss_names(self) -> list[str]:
+        """Names of the losses the regularisers add."""
+        return [n for reg in self.regularization for n in reg.loss_names]
 
     # -- structure -------------------------------------------------------------------
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
+        super().attach(backbone, head, num_classes)
         self._stage_names = backbone_stages(backbone)
         if self.unfreeze_every is None:
             params = dict(backbone.named_parameters())
             for names in self._stage_names[: self.frozen_stages(Progress(0, 0))]:
                 for n in names:
                     params[n].requires_grad_(False)
+        for reg in self.regularization:  # after the freezing: they regularise what trains
+            reg.attach(backbone, head, num_classes)
+
+    def ddp_ignored(self) -> list[str]:
+        return super().ddp_ignored() + [f"regularization.{i}.{n}" for i, reg in enumerate(self.regularization)
+                                        for n in reg.ddp_ignored()]
 
     @property
     def num_stages(self) -> int:
@@ -98,10 +141,38 @@ class FineTune(Strategy):
             for i, (names, mult) in enumerate(zip(self._stage_names, mults)):
                 groups.append({"name": f"backbone.stage{i}", "lr_mult": mult,
                                "params": [params[n] for n in names if params[n].requires_grad]})
+        for reg in self.regularization:
+            groups = reg.adjust_param_groups(groups)
         return [g for g in groups if g["params"]]
 
+    # -- losses ----------------------------------------------------------------------
+    def compute(self, step: TransferStep) -> StrategyOutput:
+        out = super().compute(step)
+        self.add_regularization(out, step)
+        return out
+
+    def add_regularization(self, out: StrategyOutput, step: TransferStep) -> None:
+        """Add every regulariser's losses, weights and logs to ``out``."""
+        for reg in self.regularization:
+            extra = reg.compute(step)
+            clash = sorted(set(extra.losses) & set(out.losses))
+            if clash:
+                raise ConfigError(f"the regulariser loss name {clash[0]!r} is taken by {type(self).__name__}'s "
+                                  f"losses {sorted(out.losses)}: give the {type(reg).__name__} another name "
+                                  f"(init_args: {{name: {reg.name}2}})")
+            out.losses.update(extra.losses)
+            out.weights.update(extra.weights)
+            out.logs.update(extra.logs)
+
     # -- schedule --------------------------------------------------------------------
+    def on_train_start(self, progress: Progress, trainer: Any) -> None:
+        super().on_train_start(progress, trainer)
+        for reg in self.regularization:
+            reg.on_train_start(progress, trainer)
+
     def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
+        for reg in self.regularization:
+            reg.on_train_batch_start(progress)
         frozen = self.frozen_stages(progress)
         if not self.freeze_bn_stats or frozen == 0:
             return
@@ -135,19 +206,22 @@ class FrozenFeatures(Strategy):
             path computes features under autocast. Sampling, pairing, labels and checkpoints
             are those of the uncached path. Needs a :class:`~tlframe.data.TransferDataModule`;
             with plain dataloaders images go through the backbone as usual.
-        head_lr_mult, bn_policy, label_smoothing: see :class:`Strategy`.
+        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta: see :class:`Strategy`.
     """
 
     trains_backbone = False
 
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
-                 label_smoothing: float = 0.0, cache_features: CacheMode = "none"):
-        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing)
+                 label_smoothing: float = 0.0, cache_features: CacheMode = "none",
+                 class_weights: Literal["none", "inverse", "effective"] = "none", class_weight_beta: float = 0.999):
+        super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing,
+                         class_weights=class_weights, class_weight_beta=class_weight_beta)
         if cache_features not in ("none", "memory", "disk"):
             raise ValueError(f"cache_features must be 'none', 'memory' or 'disk', got {cache_features!r}")
         self.cache_features = cache_features
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
+        super().attach(backbone, head, num_classes)
         backbone.requires_grad_(False)
 
     def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:

@@ -126,7 +126,8 @@ class Adaptation(FineTune):
 
     Args:
         terms: extra :class:`LossTerm` objects (``class_path``/``init_args`` in YAML), each with its weight.
-        ``**kwargs``: the :class:`FineTune` arguments (backbone LR multiplier, freezing, BN policy, ...).
+        ``**kwargs``: the :class:`FineTune` arguments (backbone LR multiplier, freezing, BN policy, the
+            fine-tuning ``regularization``, ``class_weights``, ...).
     """
 
     uses_target = True
@@ -147,6 +148,10 @@ class Adaptation(FineTune):
             raise ConfigError(f"two loss terms are named {dup[0]!r}: give one of them another name "
                               f"(init_args: {{name: {dup[0]}2}})")
         for term in terms:
+            if term.name in self.regularization_loss_names:
+                raise ConfigError(f"the loss term name {term.name!r} is taken by a regulariser "
+                                  f"{self.regularization_loss_names}: give the {type(term).__name__} another name "
+                                  f"(init_args: {{name: {term.name}2}})")
             if term.name in self.own_losses:
                 raise ConfigError(f"the loss term name {term.name!r} is taken by {type(self).__name__}'s own losses "
                                   f"{list(self.own_losses)}: give the {type(term).__name__} another name "
@@ -179,6 +184,7 @@ class Adaptation(FineTune):
             out.losses[term.name] = loss
             out.weights[term.name] = term.weight
             out.logs.update({f"{term.name}_{k}": v for k, v in logs.items()})
+        self.add_regularization(out, step)
         return out
 
 
