@@ -250,6 +250,7 @@ def test_checkpoint_files_that_are_not_usable_give_one_line_for_ckpt_path_and_we
     (["--data.batch_size=0"], "batch_size=0 must be a positive integer"),
     (["--data.image_size=0"], "image_size=0 must be a positive integer"),
     (["--data.iters_per_epoch=0"], "iters_per_epoch=0 must be a positive integer"),
+    (["--trainer.accelerator=cpu", "--trainer.devices=1000000000"], "trainer.devices=1000000000: this run is on the CPU"),
 ])
 def test_values_out_of_range_are_one_line_naming_the_class_and_value(extra, expected, tmp_path, capsys):
     runs = tmp_path / "runs"

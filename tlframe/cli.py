@@ -97,6 +97,7 @@ class TLFrameCLI(LightningCLI):
         Then, before anything is written: the checkpoint of ``--ckpt_path`` is checked (readable, a tlframe
         run's), evaluations are pointed beside it, and the output folders must be writable.
         """
+        _check_cpu_devices(self.config[self.subcommand] if self.subcommand else self.config)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
@@ -138,6 +139,23 @@ class TLFrameCLI(LightningCLI):
                                      default_hp_metric=False) if isinstance(lg, TensorBoardLogger) else lg
                    for lg in trainer.loggers]
         trainer.loggers = loggers
+
+
+def _check_cpu_devices(config) -> None:
+    """A CPU run starts one process per device: more devices than CPUs is a typo, not a plan (Lightning would try to
+    launch them all). One line instead of a machine brought to a halt."""
+    trainer = config.get("trainer") or {}
+    accelerator, devices = trainer.get("accelerator", "auto"), trainer.get("devices", "auto")
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        return
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    cpus = os.cpu_count() or 1
+    if on_cpu and devices > cpus:
+        raise ConfigError(f"trainer.devices={devices}: this run is on the CPU ({cpus} CPUs, no GPU), where each device is "
+                          f"a process: use at most {cpus} (or 'auto'), or run on a machine with GPUs")
 
 
 #: Subcommands that evaluate a trained model (their logs go beside its checkpoint).
