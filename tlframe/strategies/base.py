@@ -21,6 +21,7 @@ never a counter of the strategy's own.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Optional
 
@@ -33,7 +34,22 @@ from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import CacheMode
 from tlframe.optim import ParamGroup, trainable
 
-__all__ = ["Progress", "TransferStep", "StrategyOutput", "Strategy"]
+__all__ = ["Progress", "TransferStep", "StrategyOutput", "Strategy", "checked_weight_and_name"]
+
+
+#: A loss term's or regulariser's name: letters, digits and ``_``, starting with a letter.
+TERM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def checked_weight_and_name(term: nn.Module, weight: float, name: Optional[str], example: str) -> tuple[float, str]:
+    """``(weight, name)`` of a loss term or regulariser, checked: a weight >= 0 and a name of letters, digits and
+    ``_`` other than ``cls`` (``None``: the term's ``kind``)."""
+    check_number(f"{type(term).__name__}.weight", weight, low=0)
+    name = term.kind if name is None else name
+    if not isinstance(name, str) or not TERM_NAME.match(name) or name == "cls":
+        raise ConfigError(f"{type(term).__name__}.name={name!r} must be a name of letters, digits and '_' "
+                          f"starting with a letter, and not 'cls' (the classification loss), e.g. '{example}'")
+    return float(weight), name
 
 
 class Progress(NamedTuple):

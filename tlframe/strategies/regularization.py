@@ -46,7 +46,6 @@ Math: :func:`tlframe.losses.l2_sp`, :func:`~tlframe.losses.l2_penalty`,
 from __future__ import annotations
 
 import copy
-import re
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal, Optional, Sequence
 
@@ -60,11 +59,10 @@ from tlframe.checks import ConfigError, check_number
 from tlframe.losses import (batch_spectral_shrinkage, delta_channel_attention, delta_feature_map_loss, l2_penalty,
                             l2_sp)
 from tlframe.optim import ParamGroup
-from tlframe.strategies.base import Progress, StrategyOutput, TransferStep
+from tlframe.strategies.base import Progress, StrategyOutput, TransferStep, checked_weight_and_name
 
 __all__ = ["Regularizer", "L2SP", "BSS", "DELTA", "stage_output_modules"]
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def _is_backbone_group(group: ParamGroup) -> bool:
@@ -88,13 +86,7 @@ class Regularizer(nn.Module):
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None):
         super().__init__()
-        check_number(f"{type(self).__name__}.weight", weight, low=0)
-        name = self.kind if name is None else name
-        if not isinstance(name, str) or not _NAME.match(name) or name == "cls":
-            raise ConfigError(f"{type(self).__name__}.name={name!r} must be a name of letters, digits and '_' "
-                              "starting with a letter, and not 'cls' (the classification loss), e.g. 'l2sp2'")
-        self.weight = float(weight)
-        self.name = name
+        self.weight, self.name = checked_weight_and_name(self, weight, name, example="l2sp2")
         self._parts: tuple[nn.Module, ...] = ()
 
     @property

@@ -38,7 +38,6 @@ groups from ``param_groups``; the loss math lives in :mod:`tlframe.losses`.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Literal, Optional, Sequence
 
 import torch
@@ -48,13 +47,12 @@ from tlframe.checks import ConfigError, check_number
 from tlframe.losses import (adaptive_feature_norm, batch_spectral_penalty, coral, entropy, joint_mk_mmd,
                             minimum_class_confusion, mk_mmd)
 from tlframe.optim import ParamGroup
-from tlframe.strategies.base import StrategyOutput, TransferStep
+from tlframe.strategies.base import StrategyOutput, TransferStep, checked_weight_and_name
 from tlframe.strategies.finetune import FineTune
 
 __all__ = ["LossTerm", "Adaptation", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm",
            "AFNTerm", "check_alphas", "target_tensors"]
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 def check_alphas(alphas: Sequence[float]) -> tuple[float, ...]:
@@ -92,13 +90,7 @@ class LossTerm(nn.Module):
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None):
         super().__init__()
-        check_number(f"{type(self).__name__}.weight", weight, low=0)
-        name = self.kind if name is None else name
-        if not isinstance(name, str) or not _NAME.match(name) or name == "cls":
-            raise ConfigError(f"{type(self).__name__}.name={name!r} must be a name of letters, digits and '_' "
-                              "starting with a letter, and not 'cls' (the classification loss), e.g. 'mcc2'")
-        self.weight = float(weight)
-        self.name = name
+        self.weight, self.name = checked_weight_and_name(self, weight, name, example="mcc2")
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
         """Build the term's own modules (none by default)."""
