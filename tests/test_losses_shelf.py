@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests.test_losses import slow_estimator
+
 from tlframe.losses import (adaptive_feature_norm, batch_spectral_penalty, cdan_entropy_weights, coral,
                             domain_adversarial_loss, entropy, joint_mk_mmd, margin_disparity_discrepancy,
                             minimum_class_confusion, mk_mmd, multilinear_map, randomized_multilinear_map)
@@ -219,21 +221,6 @@ def slow_joint_kernel(f, p, alphas, sigma):
             kp = math.exp(-sum((a - b) ** 2 for a, b in zip(pr[i], pr[j])) / (2 * sigma * sigma))
             k[i][j] = kf * kp
     return k
-
-
-def slow_estimator(k, n, m, linear, offset):
-    if linear:
-        v = 0.0
-        for i in range(n):
-            j = (i + 1) % n
-            v += k[i][j] + k[n + i][n + j] - k[i][n + j] - k[j][n + i]
-        v /= n
-    else:
-        ss = sum(k[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
-        tt = sum(k[n + i][n + j] for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-        st = sum(k[i][n + j] for i in range(n) for j in range(m)) / (n * m)
-        v = ss + tt - 2 * st
-    return v + (2.0 / (n - 1) if offset else 0.0)
 
 
 @pytest.mark.parametrize("linear, ns, nt", [(False, 6, 6), (True, 6, 6), (False, 4, 7)])

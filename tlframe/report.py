@@ -167,10 +167,15 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
     return axes, entries
 
 
+def logged_tags(entries: Sequence[RunEntry]) -> set[str]:
+    """Every scalar tag that a finished run logged."""
+    return {t for e in entries if e.status == "done" for t in e.record.get("scalars", {})}
+
+
 def default_metrics(entries: Sequence[RunEntry]) -> list[str]:
     """The last value of every ``val/*`` tag the finished runs logged, plus the oracle when ``val/target_acc`` is there
     (the ``test/*`` tags for sweeps of ``tlframe test`` runs, which log no ``val/*``)."""
-    logged = {t for e in entries if e.status == "done" for t in e.record.get("scalars", {})}
+    logged = logged_tags(entries)
     tags = sorted(t for t in logged if t.startswith("val/")) or sorted(t for t in logged if t.startswith("test/"))
     return tags + ([ORACLE] if "val/target_acc" in tags else [])
 
@@ -278,7 +283,7 @@ class Comparison:
 
 def baseline_metric(entries: Sequence[RunEntry]) -> Optional[str]:
     """The metric transfer is judged on: ``val/target_acc``, else ``test/target_acc`` (what the runs logged)."""
-    logged = {t for e in entries if e.status == "done" for t in e.record.get("scalars", {})}
+    logged = logged_tags(entries)
     return next((m for m in ("val/target_acc", "test/target_acc") if m in logged), None)
 
 

@@ -119,9 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = {**os.environ, "TLFRAME_DATA_ROOT": str(data_root)}
     sweep_run = subprocess.run([sys.executable, "-m", "tlframe", "sweep", str(SWEEP), "--out", str(out),
                                 "--workers", str(args.workers)], cwd=REPO, env=env)
-    report = tlframe("report", str(out), "--metric", METRIC, "--metric", "val/source_acc", "--decimals", "3",
-                     "--out", str(out / "report.md"), env=env)
-    del report
+    tlframe("report", str(out), "--metric", METRIC, "--metric", "val/source_acc", "--decimals", "3",
+            "--out", str(out / "report.md"), env=env)
 
     from tlframe.report import collect
     from tlframe.sweep import load_sweep
