@@ -9,7 +9,8 @@ al. 2005) is a transfer result worse than what the target data alone give. A run
   DELTA, which are part of the fine-tuning recipe) and dropping the adaptation's (its loss terms included);
   the target is then only evaluated, never trained on. So a DANN + L2-SP run is compared with FineTune +
   L2-SP: the difference is the adaptation alone. Only for runs whose strategy trains on the target (``uses_target``,
-  or extra loss ``terms``): any other run is its own source-only result.
+  extra loss ``terms``, or ``label_shift``, which reads the unlabelled target and is dropped from both baselines):
+  any other run is its own source-only result.
 - **target-only**: FineTune trained on the *target* domain's labelled ``train`` split alone, reduced to
   ``labels_per_class`` images per class (``None``: all of them), and evaluated on the target ``test``
   split as the run is; the source is not used. Only when the target is labelled (for evaluation).
@@ -28,6 +29,8 @@ from typing import Any, Optional
 __all__ = ["BASELINES", "FINETUNE", "source_only_config", "target_only_config", "strategy_class"]
 
 FINETUNE = "tlframe.strategies.FineTune"
+#: FineTune arguments that use the target data (label-shift correction): dropped from both baselines.
+TARGET_ARGS = ("label_shift", "label_shift_start_epoch", "label_shift_every_epoch", "label_shift_ridge")
 BASELINES = ("source_only", "target_only")
 
 
@@ -42,7 +45,7 @@ def _finetune_strategy(strategy: dict[str, Any]) -> dict[str, Any]:
     """``FineTune`` with the arguments of ``strategy`` that FineTune accepts (the others are dropped)."""
     from tlframe.strategies import FineTune
 
-    accepted = set(inspect.signature(FineTune.__init__).parameters) - {"self"}
+    accepted = set(inspect.signature(FineTune.__init__).parameters) - {"self"} - set(TARGET_ARGS)
     init_args = {k: v for k, v in (strategy.get("init_args") or {}).items() if k in accepted}
     return {"class_path": FINETUNE, "init_args": init_args}
 
@@ -50,8 +53,10 @@ def _finetune_strategy(strategy: dict[str, Any]) -> dict[str, Any]:
 def source_only_config(config: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The source-only sibling of ``config``, or ``None`` when its strategy does not train on the target."""
     init_args = (config["model"].get("strategy") or {}).get("init_args") or {}
-    if not getattr(strategy_class(config), "uses_target", False) and not init_args.get("terms"):
-        return None  # neither the strategy nor an extra loss term trains on the target
+    uses_target = (getattr(strategy_class(config), "uses_target", False) or init_args.get("terms")
+                   or init_args.get("label_shift", "none") != "none")
+    if not uses_target:
+        return None  # neither the strategy, an extra loss term nor a label-shift correction uses the target
     out = copy.deepcopy(config)
     out["model"]["strategy"] = _finetune_strategy(config["model"]["strategy"])
     return out

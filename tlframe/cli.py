@@ -288,15 +288,17 @@ def main(args: Optional[list[str]] = None) -> None:
     """Run the CLI. Bad input (data, backbone, weights, checkpoint, trainer settings) ends with its message
     and exit code 2, a non-finite loss with exit code 3: a message that names the problem and the fix, no traceback.
 
-    ``tlframe sweep ...``, ``tlframe report ...`` and ``tlframe rank ...`` go to :mod:`tlframe.sweep`,
-    :mod:`tlframe.report` and :mod:`tlframe.rank`.
+    ``tlframe sweep ...``, ``tlframe report ...``, ``tlframe rank ...`` and ``tlframe adapt ...`` go to
+    :mod:`tlframe.sweep`, :mod:`tlframe.report`, :mod:`tlframe.rank` and :mod:`tlframe.adapt`.
     """
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in ("sweep", "report", "rank"):
+    if argv and argv[0] in ("sweep", "report", "rank", "adapt"):
         if argv[0] == "sweep":
             from tlframe.sweep import main as command
         elif argv[0] == "rank":
             from tlframe.rank import main as command
+        elif argv[0] == "adapt":
+            from tlframe.adapt import main as command
         else:
             from tlframe.report import main as command
         raise SystemExit(command(argv[1:]))

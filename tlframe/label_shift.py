@@ -47,8 +47,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["long_tail_fractions", "class_counts", "class_weights", "confusion_matrix", "predicted_proportions", "bbse_target_proportions",
-           "LabelShiftEstimate", "estimate_label_shift", "importance_weights"]
+__all__ = ["long_tail_fractions", "class_counts", "class_weights", "confusion_matrix", "predicted_proportions",
+           "bbse_target_proportions", "bbse_estimate", "LabelShiftEstimate", "estimate_label_shift",
+           "importance_weights"]
 
 
 def _array(x: Any, dtype=np.float64) -> np.ndarray:
@@ -279,6 +280,13 @@ def bbse_target_proportions(confusion_joint: Any, target_pred_proportions: Any, 
     """
     est = _solve(confusion_joint, target_pred_proportions, rcond, ridge)
     return est.q_target, est.weights
+
+
+def bbse_estimate(confusion_joint: Any, target_pred_proportions: Any, *, rcond: float = 1e-6,
+                  ridge: float = 0.0) -> LabelShiftEstimate:
+    """:func:`bbse_target_proportions` with its diagnostics: the whole :class:`LabelShiftEstimate` (from counts or
+    proportions, e.g. the confusion counts and prediction counts a training run accumulates)."""
+    return _solve(confusion_joint, target_pred_proportions, rcond, ridge)
 
 
 def estimate_label_shift(source_preds: Any, source_labels: Any, target_preds: Any, num_classes: int, *,

@@ -11,6 +11,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -208,6 +209,56 @@ class TransferModule(pl.LightningModule):
         total = self.trainer.estimated_stepping_batches
         self._total_steps = int(total) if math.isfinite(total) else None
         self.strategy.on_train_start(self.progress, self.trainer)
+
+    # -- label shift -------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if self.strategy.wants_label_shift_estimate(self.current_epoch):
+            self._estimate_label_shift()
+
+    @torch.no_grad()
+    def _label_shift_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current model's joint confusion counts ``C[pred, label]`` ``(K, K)`` on the source validation split and
+        its prediction counts ``(K,)`` on the target train split (labels not read), in eval mode with the eval
+        transform, summed over DDP ranks. Draws no random numbers (a resumed run gets the same counts)."""
+        k = self.num_classes
+        source, target = self.trainer.datamodule.label_shift_loaders(self.global_rank, self.trainer.world_size)
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        confusion = torch.zeros(k * k, dtype=torch.float64, device=self.device)
+        predicted = torch.zeros(k, dtype=torch.float64, device=self.device)
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for x, y in source:
+                    pred = self(x.to(self.device)).argmax(1)
+                    confusion += torch.bincount(pred * k + y.to(self.device), minlength=k * k).double()
+                for x, _unused_labels in target:
+                    predicted += torch.bincount(self(x.to(self.device)).argmax(1), minlength=k).double()
+        finally:
+            for m, training in modes.items():
+                m.train(training)
+        if self.trainer.world_size > 1:
+            confusion = self.trainer.strategy.reduce(confusion, reduce_op="sum")
+            predicted = self.trainer.strategy.reduce(predicted, reduce_op="sum")
+        return confusion.view(k, k), predicted
+
+    def _estimate_label_shift(self) -> None:
+        """BBSE at the start of an epoch: importance weights ``w = q / p`` into the strategy (``label_shift``)."""
+        from tlframe.label_shift import bbse_estimate
+
+        confusion, predicted = self._label_shift_counts()
+        epoch = self.current_epoch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = bbse_estimate(confusion.cpu().numpy(), predicted.cpu().numpy(), ridge=self.strategy.label_shift_ridge)
+        self.strategy.set_label_shift_weights(torch.as_tensor(est.weights), epoch)
+        rank_zero_info(f"tlframe: label_shift bbse at the start of epoch {epoch}: target class proportions "
+                       f"{[round(float(q), 3) for q in est.q_target]} (source {[round(float(q), 3) for q in est.source_proportions]}), "
+                       f"weights {[round(float(w), 3) for w in est.weights]}, condition number {est.condition_number:.3g}"
+                       + "".join(f"; {w.message}" for w in caught))
+        logs = {f"label_shift/weight_{c}": float(w) for c, w in enumerate(est.weights)}
+        logs.update({f"label_shift/target_proportion_{c}": float(q) for c, q in enumerate(est.q_target)})
+        logs["label_shift/condition_number"] = min(float(est.condition_number), 1e12)
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=False)
 
     # -- training ----------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -250,8 +250,10 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- the command
-def data_module(config: str, overrides: Sequence[str]):
-    """The ``data`` section of a tlframe config (plus ``--data.*`` overrides) as a TransferDataModule."""
+def data_module(config: str, overrides: Sequence[str], command: str = "tlframe rank",
+                options: str = "-c, --candidates, --out, --domain, --split, --rank-by, --cache"):
+    """The ``data`` section of a tlframe config (plus ``--data.*`` overrides) as a TransferDataModule; ``command``
+    and its ``options`` name the caller in the error about an unknown option."""
     from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
     from tlframe.cli_errors import explain, parser_keys
@@ -265,12 +267,12 @@ def data_module(config: str, overrides: Sequence[str]):
     except yaml.YAMLError:
         spec = None
     if not isinstance(spec, dict) or not isinstance(spec.get("data"), dict):
-        raise ConfigError(f"{config} has no 'data:' section (or is not valid YAML): rank reads the data section "
-                          "of a tlframe config")
+        raise ConfigError(f"{config} has no 'data:' section (or is not valid YAML): {command} reads the data "
+                          "section of a tlframe config")
     bad = [a for a in overrides if not a.startswith("--data.")]
     if bad:
-        raise ConfigError(f"unknown option {bad[0]} (on the command line): tlframe rank takes -c, --candidates, "
-                          "--out, --domain, --split, --rank-by, --cache and --data.* overrides")
+        raise ConfigError(f"unknown option {bad[0]} (on the command line): {command} takes {options} and --data.* "
+                          "overrides")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(TransferDataModule, "data")
@@ -283,7 +285,7 @@ def data_module(config: str, overrides: Sequence[str]):
             return parser.instantiate_classes(cfg).data
         except ArgumentError as err:
             raise ConfigError(explain(str(err), [a.replace(str(only_data), str(file)) for a in argv],
-                                      parser_keys(parser), "tlframe rank")) from None
+                                      parser_keys(parser), command)) from None
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -204,10 +204,40 @@ def test_transfer_cells_commands(tmp_path):
     result = common.run_cell(freeze, log=lambda s: None)
     assert result.status == "failed" and "missing" in result.error and not freeze.run_dir.exists()
     # the table says so
-    text = run_transfer.render(RunResult(pre, "failed", error="exit code 1"), [result], ["10"], "cmd", tmp_path, [],
+    text = run_transfer.render([RunResult(pre, "failed", error="exit code 1")], [result], ["10"], "cmd", tmp_path, [],
                                [3], [], "d")
-    assert "| 10 per class (100 images) | not run | not run | not run | failed (1 run) |" in text.splitlines()
-    assert "FAILED (exit code 1)" in text
+    assert ("| 10 per class (100 images) | not run | not run | not run | failed (1 run) | not run | not run | not run |"
+            in text.splitlines())
+    assert "FAILED (exit code 1)" in text and "The harder pair" not in text
+
+
+def test_transfer_harder_pair_cells_and_regulariser_differences(tmp_path):
+    pre = run_transfer.pretrain_cell(0, tmp_path, Path("/data"), [], source="mnistm")
+    assert pre.name == "pretrain_mnistm/seed0" and pre.args[1] == str(run_transfer.PRETRAIN_CONFIGS["mnistm"])
+    weights = run_transfer.pretrained_weights(pre)
+    cells = run_transfer.transfer_cells(["10"], list(run_transfer.METHODS), [0, 1], tmp_path, Path("/data"), weights,
+                                        [], source="mnistm")
+    assert {c.col for c in cells} == set(run_transfer.PRETRAINED_METHODS)  # scratch needs no pretraining: not rerun
+    assert all(c.row == "mnistm:10" and c.name.startswith("mnistm_usps_10/") and c.needs == [weights] for c in cells)
+    l2sp = next(c for c in cells if c.col == "finetune_l2sp")
+    assert "--model.strategy.regularization+=tlframe.strategies.L2SP" in l2sp.args
+    assert f"--model.weights={weights}" in l2sp.args and "--model.strategy.backbone_lr_mult=0.1" in l2sp.args
+
+    def done(cell, acc):
+        return RunResult(cell, "done", record={"last": acc, "oracle_max_over_epochs": acc, "wall_s": 1.0})
+
+    by = {(c.col, c.seed): c for c in cells}
+    results = [done(by[("finetune", 0)], 0.80), done(by[("finetune", 1)], 0.82),
+               done(by[("finetune_l2sp", 0)], 0.78), done(by[("finetune_l2sp", 1)], 0.79)]
+    diffs = run_transfer.paired_differences(results, "mnistm:10", "finetune_l2sp", "mnistm:10", "finetune")
+    assert diffs == pytest.approx([-0.02, -0.03])
+    pretrains = [RunResult(run_transfer.pretrain_cell(0, tmp_path, Path("/data"), []), "done", record={"last": 0.7}),
+                 RunResult(pre, "done", record={"last": 0.6, "source_acc_last": 0.9, "wall_s": 5})]
+    text = run_transfer.render(pretrains, results, ["10"], "cmd", tmp_path, [], [0, 1], [], "d", harder_labels=["10"])
+    lines = text.splitlines()
+    assert "## The harder pair: MNIST-M-pretrained LeNet to USPS" in lines
+    assert "| 10 per class (100 images) | not run | not run | 81.0 ± 1.4 (n=2) | 78.5 ± 0.7 (n=2) | not run | not run |" in lines
+    assert "| MNIST-M | 10 per class (100 images) | -2.5 ± 0.7 * (n=2) | – | – |" in lines
 
 
 def test_failed_run_writes_no_done_json_and_is_retried(tmp_path):
@@ -286,7 +316,8 @@ def test_run_digits_one_short_cell_then_resume(shared_data, tmp_path):
 
 
 def test_run_transfer_one_short_cell(shared_data, tmp_path):
-    first = _script("run_transfer.py", "--labels", "10", "--methods", "finetune_freeze1", "--seeds", "0", "--extra", SHORT,
+    first = _script("run_transfer.py", "--labels", "10", "--methods", "finetune_freeze1", "--seeds", "0",
+                    "--harder-source", "none", "--extra", SHORT,
                     "--out", str(tmp_path), "--results", str(tmp_path / "transfer.md"), "--data-root", str(shared_data))
     assert first.returncode == 0, first.stdout + first.stderr
     pre = json.loads((tmp_path / "runs/pretrain_mnist/seed0/version_0/done.json").read_text())
@@ -296,11 +327,12 @@ def test_run_transfer_one_short_cell(shared_data, tmp_path):
     assert done["source_acc_last"] is None  # val_fraction 0: no source validation, target accuracy only
     assert "--data.source_samples_per_class=10" in done["command"]
     assert "--model.weights=" + str(tmp_path / "runs/pretrain_mnist/seed0/version_0/checkpoints/last.ckpt") in done["command"]
-    row = f"| 10 per class (100 images) | not run | not run | not run | {100 * done['last']:.1f} (n=1) |"
+    row = f"| 10 per class (100 images) | not run | not run | not run | {100 * done['last']:.1f} (n=1) | not run | not run | not run |"
     assert row in (tmp_path / "transfer.md").read_text().splitlines()
+    assert not (tmp_path / "runs/pretrain_mnistm").exists()  # --harder-source none: no MNIST-M pretraining
 
 
-@pytest.mark.parametrize("config", [run_transfer.PRETRAIN_CONFIG, run_transfer.TRANSFER_CONFIG])
+@pytest.mark.parametrize("config", [*run_transfer.PRETRAIN_CONFIGS.values(), run_transfer.TRANSFER_CONFIG])
 def test_benchmark_configs_parse(config, capsys):
     import yaml
 

@@ -37,7 +37,9 @@ from tlframe.module import TransferModule  # noqa: E402
 from tlframe.strategies import DANN, MMD, FineTune, FrozenFeatures  # noqa: E402
 
 STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD,
-              "frozen_cached": lambda: FrozenFeatures(cache_features="memory")}
+              "frozen_cached": lambda: FrozenFeatures(cache_features="memory"),
+              # BBSE re-estimated at the start of epoch 1 from both ranks' shards (counts summed over ranks)
+              "dann_bbse": lambda: DANN(label_shift="bbse", label_shift_start_epoch=1)}
 
 
 class IndexLog(Dataset):
@@ -111,7 +113,9 @@ def run_strategy(name: str, out: Path) -> None:
     record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "steps": recorder.steps,
               "epochs": recorder.epochs, "checksums": checksums, "val": fit_metrics, "validate": validate_metrics,
               "test": metrics(trainer, "test/"), "train_batches": trainer.num_training_batches,
-              "tlframe_file": tlframe.__file__, "pid": os.getpid()}
+              "tlframe_file": tlframe.__file__, "pid": os.getpid(),
+              "label_shift_weight": getattr(model.strategy, "label_shift_weight", torch.zeros(0)).tolist(),
+              "label_shift_epoch": int(getattr(model.strategy, "label_shift_epoch", torch.tensor(-1)))}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -422,6 +422,26 @@ class TransferDataModule(pl.LightningDataModule):
         items = [ds[i] for i in order]
         return torch.stack([x for x, _ in items]), torch.as_tensor([int(y) for _, y in items])
 
+    def check_label_shift_data(self) -> None:
+        """Raise :class:`DataError` unless the data can feed a label-shift estimate (a source validation split)."""
+        if self.val_fraction == 0:
+            raise DataError("label_shift: bbse needs a labelled source validation split for the confusion matrix "
+                            "(the training split would give an over-confident one): set data.val_fraction > 0 "
+                            "(e.g. 0.1) or model.strategy.init_args.label_shift: none.")
+
+    def label_shift_loaders(self, rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+        """The loaders of a label-shift estimate: ``(source validation split, target train split)``, both with the
+        eval transform, in order, each rank reading every ``world_size``-th image from ``rank`` (the counts are
+        summed over ranks). The target loader's labels, if any, must not be read (it is the unlabelled
+        adaptation data)."""
+        self._ensure_setup()
+        transform = self.eval_transform()
+        out = []
+        for ds, name in ((self.source_val, "source val"), (self.target_train, "target train")):
+            shard = list(range(rank, len(ds), world_size))  # type: ignore[arg-type]
+            out.append(self._loader(ds, transform, self.eval_batch_size, name, sampler=shard))  # type: ignore[arg-type]
+        return out[0], out[1]
+
     def _ensure_setup(self) -> None:
         if self.source_train is None:
             self.setup("fit")

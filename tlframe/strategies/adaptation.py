@@ -61,7 +61,10 @@ class DANN(Adaptation):
     on the bottleneck features ``f``, where ``grl`` reverses gradients scaled by
     ``coeff = warm_start_coefficient(global_step, grl_max_steps, grl_alpha, grl_lo, grl_hi)``.
     One optimizer: the reversal makes the feature extractor maximise what the discriminator
-    minimises. Logs ``grl_coeff`` and ``domain_acc`` every step.
+    minimises. Logs ``grl_coeff`` and ``domain_acc`` every step. With ``label_shift: bbse`` each source
+    sample's domain loss is weighted by its class's importance weight ``w[y_s]`` (so the discriminator sees the
+    source reweighted to the target's class proportions, the importance-weighted DANN of Combes et al.,
+    NeurIPS 2020), as is its cross-entropy.
 
     Args:
         trade_off: weight of the adversarial loss.
@@ -122,7 +125,7 @@ class DANN(Adaptation):
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         coeff = self.coefficient(step.progress.step, step.progress.total_steps)
         d_s, d_t = self.discriminate(step.f_s, step.f_t, coeff)
-        adv, domain_acc = domain_adversarial_loss(d_s, d_t)
+        adv, domain_acc = domain_adversarial_loss(d_s, d_t, self.source_sample_weight(step.y_s))
         return StrategyOutput(losses={"cls": self.classification_loss(step), "adv": adv},
                               weights={"adv": self.trade_off},
                               logs={"grl_coeff": coeff, "domain_acc": domain_acc})

@@ -114,6 +114,22 @@ class Strategy(nn.Module):
             ``CE_i`` with ``label_smoothing``). The weights sit in the buffer ``class_weight``
             (in the checkpoint). Target labels are never read.
         class_weight_beta: ``beta`` of ``class_weights: effective``, in ``[0, 1)``.
+        label_shift: correct for label shift between the domains (the target's class proportions ``q``
+            differ from the source's ``p``): ``"none"`` (default) or ``"bbse"``: importance weights
+            ``w = q / p`` estimated by black-box shift estimation (Lipton et al., ICML 2018;
+            :func:`tlframe.label_shift.bbse_estimate`) from the *current* model's confusion matrix on the
+            source validation split and its predictions on the unlabelled target train split (never a
+            target label). Each source sample's cross-entropy is multiplied by ``w[y]`` (times its class
+            weight with ``class_weights``), and DANN/CDAN multiply its domain loss by ``w[y]`` too. Before
+            the first estimate ``w = 1``. The weights sit in the buffer ``label_shift_weight`` (and the
+            epoch of their estimate in ``label_shift_epoch``), so they are in every checkpoint. Needs a
+            source validation split (``data.val_fraction > 0``).
+        label_shift_start_epoch: the epoch at whose start the first estimate is made (default 1: after one
+            epoch of training, so that the classifier is informative; 0: the starting model).
+        label_shift_every_epoch: re-estimate at the start of every later epoch (default), or keep the first
+            estimate (``false``: Lipton et al.'s fixed-classifier recipe).
+        label_shift_ridge: Tikhonov shrinkage of the estimate toward ``w = 1``
+            (:func:`tlframe.label_shift.bbse_target_proportions`); 0: none.
     """
 
     uses_target: bool = False
@@ -123,7 +139,9 @@ class Strategy(nn.Module):
 
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
                  label_smoothing: float = 0.0, class_weights: Literal["none", "inverse", "effective"] = "none",
-                 class_weight_beta: float = 0.999):
+                 class_weight_beta: float = 0.999, label_shift: Literal["none", "bbse"] = "none",
+                 label_shift_start_epoch: int = 1, label_shift_every_epoch: bool = True,
+                 label_shift_ridge: float = 0.0):
         super().__init__()
         check_number("head_lr_mult", head_lr_mult, low=0)
         check_number("label_smoothing", label_smoothing, low=0, high=1, high_open=True)
@@ -131,6 +149,15 @@ class Strategy(nn.Module):
             raise ConfigError(f"class_weights={class_weights!r} must be 'none', 'inverse' (1 / class count) or "
                               "'effective' (inverse effective number of samples, with class_weight_beta)")
         check_number("class_weight_beta", class_weight_beta, low=0, high=1, high_open=True)
+        if label_shift not in ("none", "bbse"):
+            raise ConfigError(f"label_shift={label_shift!r} must be 'none' or 'bbse' (black-box shift estimation of "
+                              "the target's class proportions)")
+        check_number("label_shift_start_epoch", label_shift_start_epoch, low=0, integer=True)
+        check_number("label_shift_ridge", label_shift_ridge, low=0)
+        self.label_shift = label_shift
+        self.label_shift_start_epoch = int(label_shift_start_epoch)
+        self.label_shift_every_epoch = bool(label_shift_every_epoch)
+        self.label_shift_ridge = float(label_shift_ridge)
         self.head_lr_mult = head_lr_mult
         self.bn_policy = bn_policy
         self.label_smoothing = label_smoothing
@@ -143,6 +170,9 @@ class Strategy(nn.Module):
         if self.class_weights != "none":
             # placeholder values (equal weights) until on_setup reads the source class counts
             self.register_buffer("class_weight", torch.ones(num_classes))
+        if self.label_shift != "none":
+            self.register_buffer("label_shift_weight", torch.ones(num_classes))  # w = q / p; 1 = no shift
+            self.register_buffer("label_shift_epoch", torch.tensor(-1, dtype=torch.long))  # -1: not estimated yet
 
     def ddp_ignored(self) -> list[str]:
         """Names (relative to the strategy) of parameters and buffers that DDP must neither broadcast nor
@@ -150,8 +180,17 @@ class Strategy(nn.Module):
         return []
 
     def on_setup(self, stage: str, datamodule: Any) -> None:
-        """The module's ``setup(stage)``: with ``class_weights``, read the source train class counts for ``fit``."""
-        if self.class_weights == "none" or stage != "fit":
+        """The module's ``setup(stage)``: with ``class_weights``, read the source train class counts for ``fit``;
+        with ``label_shift``, check that the data can feed the estimate."""
+        if stage != "fit":
+            return
+        if self.label_shift != "none" and (datamodule is None or not hasattr(datamodule, "label_shift_loaders")):
+            raise ConfigError(f"label_shift: {self.label_shift} estimates the target's class proportions from the "
+                              "source validation split and the target train split: train with tlframe's "
+                              "TransferDataModule (data: ...) or set label_shift: none")
+        if self.label_shift != "none":
+            datamodule.check_label_shift_data()
+        if self.class_weights == "none":
             return
         if datamodule is None or not hasattr(datamodule, "source_class_counts"):
             raise ConfigError(f"class_weights: {self.class_weights} needs the source class counts: train with "
@@ -165,6 +204,31 @@ class Strategy(nn.Module):
         self.class_weight.copy_(torch.as_tensor(weights, dtype=self.class_weight.dtype))
         rank_zero_info(f"tlframe: class_weights={self.class_weights}: source train counts {list(map(int, counts))} -> "
                        f"weights {[round(float(w), 4) for w in weights]}")
+
+    def wants_label_shift_estimate(self, epoch: int) -> bool:
+        """Whether the label-shift weights are (re-)estimated at the start of ``epoch`` (``label_shift``).
+
+        Decided from the buffer ``label_shift_epoch`` (in the checkpoint), so a run resumed in the middle of an
+        epoch keeps the weights it trained that epoch with instead of re-estimating them from mid-epoch weights.
+        """
+        if self.label_shift == "none" or epoch < self.label_shift_start_epoch:
+            return False
+        last = int(self.label_shift_epoch)
+        return last < 0 or (self.label_shift_every_epoch and last != epoch)
+
+    def set_label_shift_weights(self, weights: torch.Tensor, epoch: int) -> None:
+        """Store the importance weights ``w = q / p`` ``(C,)`` estimated at the start of ``epoch``."""
+        if weights.shape != self.label_shift_weight.shape:
+            raise ValueError(f"label-shift weights of shape {tuple(weights.shape)} for "
+                             f"{self.label_shift_weight.numel()} classes")
+        self.label_shift_weight.copy_(weights.to(self.label_shift_weight))
+        self.label_shift_epoch.fill_(int(epoch))
+
+    def source_sample_weight(self, y_s: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample label-shift weights ``w[y_s]`` ``(N,)`` of the source batch, or ``None`` without ``label_shift``."""
+        if self.label_shift == "none":
+            return None
+        return self.label_shift_weight[y_s]
 
     def on_train_start(self, progress: Progress, trainer: Any) -> None:
         """Training starts (``progress.step == 0`` on a fresh run; after a resume's restore otherwise)."""
@@ -180,12 +244,17 @@ class Strategy(nn.Module):
         """Drop gradients of parameters that the schedule freezes at ``progress``."""
 
     def classification_loss(self, step: TransferStep) -> torch.Tensor:
-        """Source cross-entropy (``label_smoothing``), class-weighted with ``class_weights``."""
-        if self.class_weights == "none":
+        """Source cross-entropy (``label_smoothing``), weighted per sample by ``class_weights`` and ``label_shift``:
+        ``1/N sum_i c_{y_i} w_{y_i} CE_i``."""
+        if self.class_weights == "none" and self.label_shift == "none":
             return F.cross_entropy(step.logits_s, step.y_s, label_smoothing=self.label_smoothing)
         per_sample = F.cross_entropy(step.logits_s.float(), step.y_s, reduction="none",
                                      label_smoothing=self.label_smoothing)
-        return (self.class_weight[step.y_s] * per_sample).mean()
+        if self.class_weights != "none":
+            per_sample = self.class_weight[step.y_s] * per_sample
+        if self.label_shift != "none":
+            per_sample = self.label_shift_weight[step.y_s] * per_sample
+        return per_sample.mean()
 
     def compute(self, step: TransferStep) -> StrategyOutput:
         """Loss terms for one step; subclasses add their transfer terms to ``{"cls": ...}``."""

@@ -54,7 +54,8 @@ class FineTune(Strategy):
             :mod:`tlframe.strategies.regularization`). Each adds its weighted losses (``train/loss_<name>``);
             L2-SP turns the optimizer's weight decay off for the backbone group(s). Part of the fine-tuning
             recipe: a run's source-only baseline keeps them.
-        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta: see :class:`Strategy`.
+        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta, label_shift,
+            label_shift_start_epoch, label_shift_every_epoch, label_shift_ridge: see :class:`Strategy`.
     """
 
     def __init__(self, backbone_lr_mult: float = 0.1, freeze_stages: int = 0, unfreeze_every: Optional[int] = None,
@@ -62,9 +63,13 @@ class FineTune(Strategy):
                  freeze_bn_stats: bool = True, regularization: Optional[list[Regularizer]] = None,
                  head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
                  label_smoothing: float = 0.0, class_weights: Literal["none", "inverse", "effective"] = "none",
-                 class_weight_beta: float = 0.999):
+                 class_weight_beta: float = 0.999, label_shift: Literal["none", "bbse"] = "none",
+                 label_shift_start_epoch: int = 1, label_shift_every_epoch: bool = True,
+                 label_shift_ridge: float = 0.0):
         super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing,
-                         class_weights=class_weights, class_weight_beta=class_weight_beta)
+                         class_weights=class_weights, class_weight_beta=class_weight_beta, label_shift=label_shift,
+                         label_shift_start_epoch=label_shift_start_epoch,
+                         label_shift_every_epoch=label_shift_every_epoch, label_shift_ridge=label_shift_ridge)
         if unfreeze_every is not None and unfreeze_every <= 0:
             raise ValueError(f"unfreeze_every must be a positive number of {unfreeze_unit}s or null, got {unfreeze_every}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
@@ -206,16 +211,21 @@ class FrozenFeatures(Strategy):
             path computes features under autocast. Sampling, pairing, labels and checkpoints
             are those of the uncached path. Needs a :class:`~tlframe.data.TransferDataModule`;
             with plain dataloaders images go through the backbone as usual.
-        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta: see :class:`Strategy`.
+        head_lr_mult, bn_policy, label_smoothing, class_weights, class_weight_beta, label_shift,
+            label_shift_start_epoch, label_shift_every_epoch, label_shift_ridge: see :class:`Strategy`.
     """
 
     trains_backbone = False
 
     def __init__(self, head_lr_mult: float = 1.0, bn_policy: Literal["joint", "separate"] = "joint",
                  label_smoothing: float = 0.0, cache_features: CacheMode = "none",
-                 class_weights: Literal["none", "inverse", "effective"] = "none", class_weight_beta: float = 0.999):
+                 class_weights: Literal["none", "inverse", "effective"] = "none", class_weight_beta: float = 0.999,
+                 label_shift: Literal["none", "bbse"] = "none", label_shift_start_epoch: int = 1,
+                 label_shift_every_epoch: bool = True, label_shift_ridge: float = 0.0):
         super().__init__(head_lr_mult=head_lr_mult, bn_policy=bn_policy, label_smoothing=label_smoothing,
-                         class_weights=class_weights, class_weight_beta=class_weight_beta)
+                         class_weights=class_weights, class_weight_beta=class_weight_beta, label_shift=label_shift,
+                         label_shift_start_epoch=label_shift_start_epoch,
+                         label_shift_every_epoch=label_shift_every_epoch, label_shift_ridge=label_shift_ridge)
         if cache_features not in ("none", "memory", "disk"):
             raise ValueError(f"cache_features must be 'none', 'memory' or 'disk', got {cache_features!r}")
         self.cache_features = cache_features

@@ -123,6 +123,9 @@ class CDAN(DANN):
         if self.entropy_conditioning:
             w_s, w_t = cdan_entropy_weights(probs_s, probs_t)
             logs["entropy_weight_t"] = w_t.mean()
+        shift = self.source_sample_weight(step.y_s)  # label_shift: w[y_s] on the source half
+        if shift is not None:
+            w_s = shift if w_s is None else w_s * shift
         adv, logs["domain_acc"] = domain_adversarial_loss(d_s, d_t, w_s, w_t)
         return StrategyOutput(losses={"cls": self.classification_loss(step), "adv": adv},
                               weights={"adv": self.trade_off}, logs=logs)
