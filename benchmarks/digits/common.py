@@ -19,6 +19,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,20 @@ def default_data_root() -> Path:
 def resolve_path(value: Optional[str], default: Path) -> Path:
     """A user-given path (relative to the current directory) or ``default``; always absolute."""
     return Path(value).expanduser().resolve() if value else default.resolve()
+
+
+def run_sweep(sweep: Path, args, default_out: Path, default_results: Path) -> tuple[Path, Path, dict[str, str], int]:
+    """A sweep-based benchmark's first step: resolve ``args.out``/``args.results``/``args.data_root`` (exit with a
+    message when the data root is missing) and run ``tlframe sweep <sweep> --out <out> --workers <args.workers>``
+    from the repository root. Returns ``(out, results, env of the runs, the sweep's exit code)``."""
+    out, results = resolve_path(args.out, default_out), resolve_path(args.results, default_results)
+    data_root = resolve_path(args.data_root, default_data_root())
+    if not data_root.is_dir():
+        raise SystemExit(f"error: data root {data_root} does not exist: pass --data-root")
+    env = {**os.environ, "TLFRAME_DATA_ROOT": str(data_root)}
+    proc = subprocess.run([sys.executable, "-m", "tlframe", "sweep", str(sweep), "--out", str(out),
+                           "--workers", str(args.workers)], cwd=REPO, env=env)
+    return out, results, env, proc.returncode
 
 
 def display_path(path: Path) -> str:

@@ -17,10 +17,8 @@ it built the shifted target); they are used here to *grade* the estimate, never 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, default_data_root, display_path, machine_lines, markdown_table, regen_command, resolve_path, today,
+    REPO, display_path, machine_lines, markdown_table, regen_command, run_sweep, today,
 )
 from tlframe.atomic import atomic_write_text  # noqa: E402
 
@@ -100,13 +98,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out, results = resolve_path(args.out, DEFAULT_OUT), resolve_path(args.results, DEFAULT_RESULTS)
-    data_root = resolve_path(args.data_root, default_data_root())
-    if not data_root.is_dir():
-        raise SystemExit(f"error: data root {data_root} does not exist: pass --data-root")
-    env = {**os.environ, "TLFRAME_DATA_ROOT": str(data_root)}
-    sweep_run = subprocess.run([sys.executable, "-m", "tlframe", "sweep", args.sweep, "--out", str(out),
-                                "--workers", str(args.workers)], cwd=REPO, env=env)
+    out, results, env, sweep_code = run_sweep(Path(args.sweep), args, DEFAULT_OUT, DEFAULT_RESULTS)
 
     from tlframe.report import collect
     from tlframe.sweep import load_sweep
@@ -194,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ]
     atomic_write_text(results, "\n".join(lines))
     print(f"run_imbalance: wrote {results}")
-    return 0 if sweep_run.returncode == 0 else 1
+    return 0 if sweep_code == 0 else 1
 
 
 if __name__ == "__main__":

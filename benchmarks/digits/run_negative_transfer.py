@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, default_data_root, display_path, machine_lines, regen_command, resolve_path, today,
+    REPO, display_path, machine_lines, regen_command, run_sweep, today,
 )
 from benchmarks.digits.rank_stats import kendall_tau_b, weighted_kendall_tau  # noqa: E402
 from tlframe.atomic import atomic_write_text  # noqa: E402
@@ -112,13 +111,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    out, results = resolve_path(args.out, DEFAULT_OUT), resolve_path(args.results, DEFAULT_RESULTS)
-    data_root = resolve_path(args.data_root, default_data_root())
-    if not data_root.is_dir():
-        raise SystemExit(f"error: data root {data_root} does not exist: pass --data-root")
-    env = {**os.environ, "TLFRAME_DATA_ROOT": str(data_root)}
-    sweep_run = subprocess.run([sys.executable, "-m", "tlframe", "sweep", str(SWEEP), "--out", str(out),
-                                "--workers", str(args.workers)], cwd=REPO, env=env)
+    out, results, env, sweep_code = run_sweep(SWEEP, args, DEFAULT_OUT, DEFAULT_RESULTS)
     tlframe("report", str(out), "--metric", METRIC, "--metric", "val/source_acc", "--decimals", "3",
             "--out", str(out / "report.md"), env=env)
 
@@ -228,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               *machine_lines(), ""]
     atomic_write_text(results, "\n".join(lines))
     print(f"run_negative_transfer: wrote {results}")
-    return 0 if sweep_run.returncode == 0 else 1
+    return 0 if sweep_code == 0 else 1
 
 
 if __name__ == "__main__":
