@@ -17,12 +17,14 @@ from tlframe.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 ITERS = 6  # batches per epoch
 # DANN with dropout and random crop/flip: every source of randomness a run has (data order, augmentation,
-# dropout, the GRL schedule, the LR schedule) must come back identical after the resume.
+# dropout, the GRL schedule, the LR schedule) must come back identical after the resume; with BBSE label-shift
+# weights re-estimated at every epoch start (a resume mid-epoch keeps the weights of the epoch it resumes).
 ARGS = ["-c", str(ROOT / "configs" / "quickstart.yaml"),
         "--data.source.init_args.num_train=200", "--data.target.init_args.num_train=200",
         "--data.source.init_args.num_test=64", "--data.target.init_args.num_test=64",
         "--data.batch_size=16", f"--data.iters_per_epoch={ITERS}", "--data.train_augmentation=crop_flip",
         "--model.strategy=tlframe.strategies.DANN", "--model.strategy.grl_max_steps=10", "--model.bottleneck_dropout=0.5",
+        "--model.strategy.label_shift=bbse", "--model.strategy.label_shift_start_epoch=1",
         "--trainer.max_epochs=4", "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=4",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
@@ -68,6 +70,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
     resumed_out = capsys.readouterr().out
     resumed = _state(tmp_path / "killed" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == reference["global_step"]
+    assert int(reference["state_dict"]["strategy.label_shift_epoch"]) == 3  # re-estimated at epochs 1, 2, 3
     for key, value in reference["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
