@@ -158,6 +158,22 @@ def test_mnist_m_extracted_folder_and_errors(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+def test_mnist_m_center_crop_gives_the_central_pixels(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
+    for split in ("train", "test"):
+        folder = tmp_path / "mnist_m" / f"mnist_m_{split}"
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "00000000.png")
+        (tmp_path / "mnist_m" / f"mnist_m_{split}_labels.txt").write_text("00000000.png 3\n")
+    whole, label = MNISTMDomain(root=str(tmp_path)).dataset("test")[0]
+    cropped, same = MNISTMDomain(root=str(tmp_path), center_crop=28).dataset("test")[0]
+    assert whole.size == (32, 32) and cropped.size == (28, 28) and label == same == 3
+    assert np.array_equal(np.asarray(cropped), np.asarray(whole)[2:30, 2:30])  # 2 pixels off every side
+    with pytest.raises(DataError, match="center_crop=40 must be a size in"):
+        MNISTMDomain(root=str(tmp_path), center_crop=40)
+
+
 def test_corrupt_archive_leaves_no_partial_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TLFRAME_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "root").mkdir()

@@ -47,18 +47,27 @@ class ArrayImageDataset(Dataset):
 
 
 class FileImageDataset(Dataset):
-    """Images decoded from files on access; ``samples`` is a list of ``(path, label)``."""
+    """Images decoded from files on access; ``samples`` is a list of ``(path, label)``; ``center_crop``: keep the
+    central ``center_crop x center_crop`` pixels of every image (``None``: the whole image)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], labelled: bool = True) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], labelled: bool = True,
+                 center_crop: Optional[int] = None) -> None:
         self.samples = [(str(p), int(y)) for p, y in samples]
         self.labelled = labelled
+        self.center_crop = center_crop
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
-        return load_image(path), label if self.labelled else NO_LABEL
+        img = load_image(path)
+        if self.center_crop is not None:
+            w, h = img.size
+            c = self.center_crop
+            left, top = (w - c) // 2, (h - c) // 2
+            img = img.crop((left, top, left + c, top + c))
+        return img, label if self.labelled else NO_LABEL
 
     @property
     def labels(self) -> np.ndarray:
