@@ -119,7 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     acc_rows, mca_rows = [], []
     for corr, corr_title in CORRECTIONS.items():
         acc_rows.append([corr_title, *(fmt(list(by_seed(s, corr, "val/target_acc").values())) for s in STRATEGIES),
-                         *(delta(paired(by_seed(s, corr, "val/target_acc"), by_seed(s, "none", "val/target_acc")))
+                         *("–" if corr == "none" else
+                           delta(paired(by_seed(s, corr, "val/target_acc"), by_seed(s, "none", "val/target_acc")))
                            for s in STRATEGIES)])
         mca_rows.append([corr_title, *(fmt(list(by_seed(s, corr, "val/target_mean_class_acc").values()))
                                        for s in STRATEGIES)])
