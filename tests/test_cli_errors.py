@@ -251,6 +251,8 @@ def test_checkpoint_files_that_are_not_usable_give_one_line_for_ckpt_path_and_we
     (["--data.image_size=0"], "image_size=0 must be a positive integer"),
     (["--data.iters_per_epoch=0"], "iters_per_epoch=0 must be a positive integer"),
     (["--trainer.accelerator=cpu", "--trainer.devices=1000000000"], "trainer.devices=1000000000: this run is on the CPU"),
+    (["--seed_everything=-3"], "seed_everything=-3 is out of range: give an integer in [0, 4294967295]"),
+    (["--model.strategy.label_shift=ipw"], "label_shift"),
 ])
 def test_values_out_of_range_are_one_line_naming_the_class_and_value(extra, expected, tmp_path, capsys):
     runs = tmp_path / "runs"

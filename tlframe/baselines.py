@@ -29,7 +29,7 @@ from typing import Any, Optional
 __all__ = ["BASELINES", "FINETUNE", "source_only_config", "target_only_config", "strategy_class"]
 
 FINETUNE = "tlframe.strategies.FineTune"
-#: FineTune arguments that use the target data (label-shift correction): dropped from both baselines.
+#: FineTune arguments that use the target data (label-shift correction): reset to their defaults in both baselines.
 TARGET_ARGS = ("label_shift", "label_shift_start_epoch", "label_shift_every_epoch", "label_shift_ridge")
 BASELINES = ("source_only", "target_only")
 
@@ -45,8 +45,12 @@ def _finetune_strategy(strategy: dict[str, Any]) -> dict[str, Any]:
     """``FineTune`` with the arguments of ``strategy`` that FineTune accepts (the others are dropped)."""
     from tlframe.strategies import FineTune
 
-    accepted = set(inspect.signature(FineTune.__init__).parameters) - {"self"} - set(TARGET_ARGS)
-    init_args = {k: v for k, v in (strategy.get("init_args") or {}).items() if k in accepted}
+    params = inspect.signature(FineTune.__init__).parameters
+    accepted = set(params) - {"self"}
+    # the label-shift correction reads the target: back to its defaults (so a resolved config's siblings equal
+    # a plain FineTune run's resolved config, and the sweep reuses that run)
+    init_args = {k: (params[k].default if k in TARGET_ARGS else v)
+                 for k, v in (strategy.get("init_args") or {}).items() if k in accepted}
     return {"class_path": FINETUNE, "init_args": init_args}
 
 

@@ -91,6 +91,15 @@ class TLFrameCLI(LightningCLI):
                 raise ConfigError(f"the hyperparameters saved in {ckpt} do not fit this tlframe: "
                                   f"{explain(str(err), [])}") from None
 
+    def _set_seed(self) -> None:
+        """Lightning's seeding, with an out-of-range ``seed_everything`` as bad input (one line, not a traceback)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= 2**32 - 1:
+            raise ConfigError(f"seed_everything={seed} is out of range: give an integer in [0, 4294967295] (or true "
+                              "for a random seed)")
+        super()._set_seed()
+
     def instantiate_classes(self) -> None:
         """Build the objects; a value they refuse (``ValueError``/``TypeError`` from an ``__init__``) is bad input.
 

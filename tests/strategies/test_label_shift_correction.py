@@ -152,10 +152,12 @@ def test_baselines_drop_the_label_shift_correction():
     for path in ("tlframe.strategies.FineTune", "tlframe.strategies.DANN"):
         config = {"model": {"strategy": {"class_path": path, "init_args": dict(args)}},
                   "data": {"source": {"class_path": "S"}, "target": {"class_path": "T"}}}
-        # a FineTune + BBSE run reads the target: it has a source-only baseline, without the correction
-        assert source_only_config(config)["model"]["strategy"] == {"class_path": FINETUNE,
-                                                                   "init_args": {"class_weights": "inverse"}}
-        assert "label_shift" not in target_only_config(config)["model"]["strategy"]["init_args"]
+        # a FineTune + BBSE run reads the target: it has a source-only baseline, without the correction (its
+        # arguments back to their defaults, so the sibling equals a plain FineTune run's resolved config)
+        plain = {"class_path": FINETUNE,
+                 "init_args": {"label_shift": "none", "label_shift_start_epoch": 1, "class_weights": "inverse"}}
+        assert source_only_config(config)["model"]["strategy"] == plain
+        assert target_only_config(config)["model"]["strategy"]["init_args"]["label_shift"] == "none"
 
 
 def test_tlframe_fit_logs_the_estimate_and_checkpoints_it(tmp_path):
