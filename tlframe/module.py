@@ -215,37 +215,13 @@ class TransferModule(pl.LightningModule):
         if self.strategy.wants_label_shift_estimate(self.current_epoch):
             self._estimate_label_shift()
 
-    @torch.no_grad()
-    def _label_shift_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The current model's joint confusion counts ``C[pred, label]`` ``(K, K)`` on the source validation split and
-        its prediction counts ``(K,)`` on the target train split (labels not read), in eval mode with the eval
-        transform, summed over DDP ranks. Draws no random numbers (a resumed run gets the same counts)."""
-        k = self.num_classes
-        source, target = self.trainer.datamodule.label_shift_loaders(self.global_rank, self.trainer.world_size)
-        modes = {m: m.training for m in self.modules()}
-        self.eval()
-        confusion = torch.zeros(k * k, dtype=torch.float64, device=self.device)
-        predicted = torch.zeros(k, dtype=torch.float64, device=self.device)
-        try:
-            with self.trainer.precision_plugin.forward_context():
-                for x, y in source:
-                    pred = self(x.to(self.device)).argmax(1)
-                    confusion += torch.bincount(pred * k + y.to(self.device), minlength=k * k).double()
-                for x, _unused_labels in target:
-                    predicted += torch.bincount(self(x.to(self.device)).argmax(1), minlength=k).double()
-        finally:
-            for m, training in modes.items():
-                m.train(training)
-        if self.trainer.world_size > 1:
-            confusion = self.trainer.strategy.reduce(confusion, reduce_op="sum")
-            predicted = self.trainer.strategy.reduce(predicted, reduce_op="sum")
-        return confusion.view(k, k), predicted
-
     def _estimate_label_shift(self) -> None:
         """BBSE at the start of an epoch: importance weights ``w = q / p`` into the strategy (``label_shift``)."""
         from tlframe.label_shift import bbse_estimate
 
-        confusion, predicted = self._label_shift_counts()
+        from tlframe.label_shift_counts import label_shift_counts
+
+        confusion, predicted = label_shift_counts(self)
         epoch = self.current_epoch
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
