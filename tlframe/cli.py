@@ -325,6 +325,23 @@ def main(args: Optional[list[str]] = None) -> None:
     except NonFiniteLossError as err:
         print(f"tlframe: error: {err}", file=sys.stderr)
         raise SystemExit(EXIT_NON_FINITE) from None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the DDP process group before the interpreter exits.
+
+    Lightning leaves it alive; at exit its backend threads were then torn down with the interpreter, and a rank
+    could abort with ``terminate called without an active exception`` (SIGABRT) after a run that had finished
+    and written everything, failing the launcher's exit code."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit; the run's results are already written
+            pass
 
 
 if __name__ == "__main__":
