@@ -19,14 +19,21 @@ ITERS = 6  # batches per epoch
 # DANN with dropout and random crop/flip: every source of randomness a run has (data order, augmentation,
 # dropout, the GRL schedule, the LR schedule) must come back identical after the resume; with BBSE label-shift
 # weights re-estimated at every epoch start (a resume mid-epoch keeps the weights of the epoch it resumes).
-ARGS = ["-c", str(ROOT / "configs" / "quickstart.yaml"),
-        "--data.source.init_args.num_train=200", "--data.target.init_args.num_train=200",
-        "--data.source.init_args.num_test=64", "--data.target.init_args.num_test=64",
-        "--data.batch_size=16", f"--data.iters_per_epoch={ITERS}", "--data.train_augmentation=crop_flip",
-        "--model.strategy=tlframe.strategies.DANN", "--model.strategy.grl_max_steps=10", "--model.bottleneck_dropout=0.5",
-        "--model.strategy.label_shift=bbse", "--model.strategy.label_shift_start_epoch=1",
-        "--trainer.max_epochs=4", "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=4",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+# And Mean Teacher: an EMA model of its own and two random views of each target image.
+COMMON = ["-c", str(ROOT / "configs" / "quickstart.yaml"),
+          "--data.source.init_args.num_train=200", "--data.target.init_args.num_train=200",
+          "--data.source.init_args.num_test=64", "--data.target.init_args.num_test=64",
+          "--data.batch_size=16", f"--data.iters_per_epoch={ITERS}", "--data.train_augmentation=crop_flip",
+          "--model.bottleneck_dropout=0.5",
+          "--trainer.max_epochs=4", "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=4",
+          "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+STRATEGIES = {
+    "dann_bbse": ["--model.strategy=tlframe.strategies.DANN", "--model.strategy.grl_max_steps=10",
+                  "--model.strategy.label_shift=bbse", "--model.strategy.label_shift_start_epoch=1"],
+    # an EMA teacher (its own state, updated after every optimizer step) and seeded weak + strong target views
+    "mean_teacher": ["--model.strategy=tlframe.strategies.MeanTeacher", "--model.strategy.ema_decay=0.9",
+                     "--model.strategy.rampup_steps=10"],
+}
 
 
 def _state(ckpt: Path) -> dict:
@@ -51,7 +58,9 @@ def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, timeou
     pytest.fail("the run ended before a mid-epoch checkpoint could be interrupted")
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys, strategy):
+    ARGS = [*COMMON, *STRATEGIES[strategy]]
     main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
     full_out = capsys.readouterr().out
     reference = _state(tmp_path / "full" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
@@ -70,7 +79,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
     resumed_out = capsys.readouterr().out
     resumed = _state(tmp_path / "killed" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == reference["global_step"]
-    assert int(reference["state_dict"]["strategy.label_shift_epoch"]) == 3  # re-estimated at epochs 1, 2, 3
+    if strategy == "dann_bbse":
+        assert int(reference["state_dict"]["strategy.label_shift_epoch"]) == 3  # re-estimated at epochs 1, 2, 3
+    else:  # the teacher followed steps 1 .. 23 (applied before each step's forward)
+        assert int(reference["state_dict"]["strategy.terms.0.teacher.ema_step"]) == 4 * ITERS - 1
     for key, value in reference["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
     metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731

@@ -20,6 +20,7 @@ __all__ = [
     "entropy", "minimum_class_confusion", "multilinear_map", "randomized_multilinear_map", "cdan_entropy_weights",
     "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
     "l2_sp", "l2_penalty", "batch_spectral_shrinkage", "delta_feature_map_loss", "delta_channel_attention",
+    "pseudo_label_loss", "consistency_loss", "sigmoid_rampup",
 ]
 
 #: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
@@ -490,3 +491,66 @@ def delta_channel_attention(loss_increase: torch.Tensor, temperature: float = 5.
     std = x.std(unbiased=False) if x.numel() > 1 else x.new_zeros(())
     z = (x - x.mean()) / std if float(std) > 0 else torch.zeros_like(x)
     return torch.softmax(z / temperature, dim=0)
+
+
+def pseudo_label_loss(logits_strong: torch.Tensor, logits_weak: torch.Tensor, threshold: float = 0.95,
+                      temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FixMatch's unlabelled loss (Sohn et al., NeurIPS 2020, eq. 4):
+    ``1/N sum_i 1[max_c q_ic >= threshold] CE(logits_strong_i, argmax_c q_ic)`` with
+    ``q = softmax(logits_weak / temperature)``, no gradient through ``q``.
+
+    ``logits_strong``, ``logits_weak``: ``(N, C)``, the strong and the weak view of the same ``N`` images. The
+    mean runs over all ``N`` rows (masked rows count as 0), as the paper's ``1 / (mu B)``. Returns
+    ``(loss, mask (N,) bool, pseudo_labels (N,))``. Float32 inside under autocast.
+    """
+    if logits_strong.shape != logits_weak.shape or logits_strong.ndim != 2:
+        raise ValueError(f"pseudo_label_loss: logits {tuple(logits_strong.shape)} (strong) and "
+                         f"{tuple(logits_weak.shape)} (weak) must both be (N, C)")
+    with torch.autocast(device_type=logits_strong.device.type, enabled=False):
+        dtype = _loss_dtype(logits_strong, logits_weak)
+        q = torch.softmax(logits_weak.detach().to(dtype) / temperature, dim=1)
+        confidence, pseudo = q.max(dim=1)
+        mask = confidence >= threshold
+        ce = F.cross_entropy(logits_strong.to(dtype), pseudo, reduction="none")
+        return (ce * mask.to(dtype)).mean(), mask, pseudo
+
+
+def consistency_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "mse",
+                     threshold: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean Teacher's consistency cost between the student's and the (EMA) teacher's predictions
+    (Tarvainen & Valpola, NeurIPS 2017), no gradient through the teacher.
+
+    With ``p = softmax(student_logits)``, ``q = softmax(teacher_logits)`` ``(N, C)``:
+
+    - ``kind="mse"``: ``1/N sum_i 1/C ||p_i - q_i||^2`` (their ``softmax_mse_loss / C``, per image);
+    - ``kind="kl"``: ``1/N sum_i KL(q_i || p_i)``.
+
+    ``threshold``: count only rows whose teacher confidence ``max_c q_ic`` is at least this (French et al.,
+    ICLR 2018, self-ensembling for domain adaptation); the mean still runs over all ``N`` rows. Returns
+    ``(loss, mask (N,) bool)``. Float32 inside under autocast.
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
+        raise ValueError(f"consistency_loss: logits {tuple(student_logits.shape)} (student) and "
+                         f"{tuple(teacher_logits.shape)} (teacher) must both be (N, C)")
+    if kind not in ("mse", "kl"):
+        raise ValueError(f"consistency_loss: kind={kind!r} must be 'mse' or 'kl'")
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        dtype = _loss_dtype(student_logits, teacher_logits)
+        log_p = F.log_softmax(student_logits.to(dtype), dim=1)
+        log_q = F.log_softmax(teacher_logits.detach().to(dtype), dim=1)
+        q = log_q.exp()
+        if kind == "mse":
+            per_row = ((log_p.exp() - q) ** 2).mean(dim=1)
+        else:
+            per_row = (q * (log_q - log_p)).sum(dim=1)
+        mask = torch.ones_like(per_row, dtype=torch.bool) if threshold is None else q.max(dim=1).values >= threshold
+        return (per_row * mask.to(dtype)).mean(), mask
+
+
+def sigmoid_rampup(step: int, rampup_steps: int) -> float:
+    """Mean Teacher's consistency-weight ramp-up ``exp(-5 (1 - t)^2)``, ``t = min(step / rampup_steps, 1)``
+    (Laine & Aila, ICLR 2017; Tarvainen & Valpola 2017); 1 throughout when ``rampup_steps == 0``."""
+    if rampup_steps <= 0:
+        return 1.0
+    t = min(max(step, 0) / rampup_steps, 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2)

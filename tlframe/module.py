@@ -166,6 +166,8 @@ class TransferModule(pl.LightningModule):
             dm.set_data_config(self.data_config)
         if dm is not None and hasattr(dm, "use_feature_cache"):
             dm.use_feature_cache(self.feature_cache)  # features are built lazily, on this module's device
+        if dm is not None and hasattr(dm, "set_target_views"):
+            dm.set_target_views(self.strategy.target_views if self.strategy.uses_target else 1)
         self.strategy.on_setup(stage, dm)  # e.g. class weights from the source class counts
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
@@ -188,17 +190,32 @@ class TransferModule(pl.LightningModule):
         """Class logits ``(N, num_classes)`` for images ``(N, C, H, W)`` or cached features ``(N, D)``."""
         return self.head(self.features(x))[1]
 
-    def _forward_domains(self, x_s: torch.Tensor, x_t: Optional[torch.Tensor]):
-        if x_t is None:
-            z_s = self.features(x_s)
-            return (z_s, *self.head(z_s)), (None, None, None)
-        if self.strategy.bn_policy == "joint":
-            z = self.features(torch.cat([x_s, x_t]))
+    def _forward_domains(self, *batches: Optional[torch.Tensor]) -> list[tuple]:
+        """``(z, f, logits)`` of each input batch (source, then target views; ``None`` gives ``(None,) * 3``): one
+        forward of the concatenated batches with ``bn_policy: joint`` (BatchNorm statistics of the mixed batch),
+        else one per batch."""
+        given = [b for b in batches if b is not None]
+        if len(given) > 1 and self.strategy.bn_policy == "joint":
+            z = self.features(torch.cat(given))
             f, g = self.head(z)
-            n = x_s.shape[0]
-            return (z[:n], f[:n], g[:n]), (z[n:], f[n:], g[n:])
-        z_s, z_t = self.features(x_s), self.features(x_t)
-        return (z_s, *self.head(z_s)), (z_t, *self.head(z_t))
+            sizes = [b.shape[0] for b in given]
+            parts = iter(zip(z.split(sizes), f.split(sizes), g.split(sizes)))
+        else:
+            parts = iter([(z, *self.head(z)) for z in map(self.features, given)])
+        return [(None, None, None) if b is None else next(parts) for b in batches]
+
+    def transfer_step(self, batch: dict) -> TransferStep:
+        """The forward pass of a training batch ``{"source": (x_s, y_s), "target": (x_t, y_t)}`` (``x_t`` a
+        ``(weak, strong)`` pair for a strategy with two target views) as the strategy sees it."""
+        x_s, y_s = batch["source"]
+        if not self.strategy.uses_target:
+            ((z_s, f_s, g_s),) = self._forward_domains(x_s)
+            return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress)
+        x_t, y_t = batch["target"]
+        weak, strong = x_t if isinstance(x_t, (tuple, list)) else (x_t, None)
+        (z_s, f_s, g_s), (z_t, f_t, g_t), (z_ts, f_ts, g_ts) = self._forward_domains(x_s, weak, strong)
+        return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress, z_t=z_t, f_t=f_t,
+                            logits_t=g_t, x_t=weak, y_t=y_t, z_t_strong=z_ts, f_t_strong=f_ts, logits_t_strong=g_ts)
 
     @property
     def progress(self) -> Progress:
@@ -244,11 +261,9 @@ class TransferModule(pl.LightningModule):
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x_s, y_s = batch["source"]
-        x_t = batch["target"][0] if self.strategy.uses_target else None
-        (z_s, f_s, g_s), (z_t, f_t, g_t) = self._forward_domains(x_s, x_t)
-        out = self.strategy.compute(TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress,
-                                                 z_t=z_t, f_t=f_t, logits_t=g_t))
+        step = self.transfer_step(batch)
+        x_s, y_s, g_s = batch["source"][0], step.y_s, step.logits_s
+        out = self.strategy.compute(step)
         loss = out.total()
         terms = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()}
         if self.hparams.check_finite_loss:  # checked with the gradients, before the optimizer step

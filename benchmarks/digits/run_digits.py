@@ -37,7 +37,7 @@ TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST", "mnist2
 METHODS = {
     "source_only": "source only", "dann": "DANN", "mmd": "DAN (MMD)", "cdan": "CDAN", "cdan_e": "CDAN+E",
     "jan": "JAN", "mcc": "MCC", "mdd": "MDD", "afn": "AFN", "coral": "CORAL", "bsp_dann": "BSP+DANN",
-    "dann_mcc": "DANN+MCC", "mdd_mcc": "MDD+MCC",
+    "dann_mcc": "DANN+MCC", "mdd_mcc": "MDD+MCC", "fixmatch": "FixMatch", "mean_teacher": "Mean Teacher",
 }
 #: Published accuracies (%): TLlib's digits table (LeNet from scratch, MNIST <-> USPS) and Ganin & Lempitsky
 #: 2015, Table 1 (MNIST -> MNIST-M). No published number for DAN on MNIST -> MNIST-M, nor for CDAN+E,

@@ -34,12 +34,16 @@ import tlframe  # noqa: E402
 from tlframe.data import TransferDataModule  # noqa: E402
 from tlframe.callbacks import TransferInsights  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
-from tlframe.strategies import DANN, MMD, FineTune, FrozenFeatures  # noqa: E402
+from tlframe.strategies import DANN, MMD, FineTune, FixMatch, FrozenFeatures, MeanTeacher  # noqa: E402
 
 STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD,
               "frozen_cached": lambda: FrozenFeatures(cache_features="memory"),
               # BBSE re-estimated at the start of epoch 1 from both ranks' shards (counts summed over ranks)
-              "dann_bbse": lambda: DANN(label_shift="bbse", label_shift_start_epoch=1)}
+              "dann_bbse": lambda: DANN(label_shift="bbse", label_shift_start_epoch=1),
+              # two views of each target image; every pseudo-label kept, so the loss is active
+              "fixmatch": lambda: FixMatch(threshold=0.0),
+              # the EMA teacher (state of its own, ignored by DDP) follows the synchronised student on both ranks
+              "mean_teacher": lambda: MeanTeacher(ema_decay=0.9)}
 
 
 class IndexLog(Dataset):
@@ -115,7 +119,8 @@ def run_strategy(name: str, out: Path) -> None:
               "test": metrics(trainer, "test/"), "train_batches": trainer.num_training_batches,
               "tlframe_file": tlframe.__file__, "pid": os.getpid(),
               "label_shift_weight": getattr(model.strategy, "label_shift_weight", torch.zeros(0)).tolist(),
-              "label_shift_epoch": int(getattr(model.strategy, "label_shift_epoch", torch.tensor(-1)))}
+              "label_shift_epoch": int(getattr(model.strategy, "label_shift_epoch", torch.tensor(-1))),
+              "ema_step": int(model.strategy.terms[0].teacher.ema_step) if name == "mean_teacher" else None}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

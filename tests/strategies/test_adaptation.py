@@ -96,7 +96,7 @@ def test_bf16_mixed_fit_runs_every_strategy(strategy_cls, bn_policy, synthetic_d
 ROOT = Path(__file__).resolve().parents[2]
 
 
-DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "syncbn"]
+DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch", "mean_teacher", "syncbn"]
 
 
 def _free_port() -> int:
@@ -134,7 +134,8 @@ def _ranks(out: Path) -> tuple[dict, dict]:
     return tuple(json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))  # type: ignore[return-value]
 
 
-@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse"])
+@pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch",
+                                  "mean_teacher"])
 def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
     tmp_path = ddp_runs / name
     r0, r1 = _ranks(tmp_path)
@@ -159,6 +160,9 @@ def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
             assert len(e0[domain]) == len(e1[domain]) == 16, domain
             assert len(set(e0[domain])) == 16 and not set(e0[domain]) & set(e1[domain]), domain
     assert not r0["epochs"] or r0["epochs"][0]["source"] != r0["epochs"][1]["source"]  # a fresh order every epoch
+    if name == "mean_teacher":  # the teacher followed the same student on both ranks: steps 1..3 of 4 applied
+        assert r0["ema_step"] == r1["ema_step"] == 3
+        assert any(".teacher.ema.module." in k for k in r0["checksums"])
     assert r0["checksums"].keys() == r1["checksums"].keys()
     for k, v in r0["checksums"].items():
         if "running_" in k or "num_batches" in k:

@@ -138,6 +138,12 @@ class TransferDataModule(pl.LightningDataModule):
             exact under resume mid-epoch and DDP (the order of an epoch is a function of the run
             seed and the epoch), and ``iters_per_epoch`` counts the same. The labels are read
             without decoding images. The target is always sampled at random (its labels are never read).
+        strong_num_ops, strong_magnitude, strong_cutout: the strong view of a target image for
+            self-training strategies (FixMatch, Mean Teacher: their ``target_views`` is 2), whose target
+            training batches are then ``((x_weak, x_strong), y_t)``: RandAugment with this number of
+            operations and magnitude bin (0-30), then the training transform, then a cutout square of up
+            to ``strong_cutout`` of each side (:mod:`tlframe.data.views`). Both views are seeded per
+            sample (resume- and DDP-exact). Unused by other strategies.
     """
 
     def __init__(
@@ -164,6 +170,9 @@ class TransferDataModule(pl.LightningDataModule):
         source_class_fractions: Optional[list[float]] = None,
         target_class_fractions: Optional[list[float]] = None,
         source_sampler: Literal["random", "balanced"] = "random",
+        strong_num_ops: int = 2,
+        strong_magnitude: int = 10,
+        strong_cutout: float = 0.5,
     ) -> None:
         super().__init__()
         for key, value in (("batch_size", batch_size), ("target_batch_size", target_batch_size),
@@ -185,6 +194,17 @@ class TransferDataModule(pl.LightningDataModule):
         if source_sampler not in ("random", "balanced"):
             raise DataError(f"source_sampler={source_sampler!r} is unknown: use 'random' (default) or 'balanced' "
                             "(every class equally likely).")
+        for key, value, high in (("strong_num_ops", strong_num_ops, None), ("strong_magnitude", strong_magnitude, 30)):
+            if int(value) != value or value < 0 or (high is not None and value > high):
+                raise DataError(f"{key}={value} must be an integer >= 0" + (f" and <= {high}" if high else "")
+                                + " (RandAugment's number of operations / magnitude bin, e.g. 2 and 10).")
+        if not 0.0 <= float(strong_cutout) <= 1.0:
+            raise DataError(f"strong_cutout={strong_cutout} must be in [0, 1]: the largest cutout square's side as a "
+                            "fraction of the image side (0.5 as FixMatch; 0: no cutout).")
+        self.strong_num_ops, self.strong_magnitude = int(strong_num_ops), int(strong_magnitude)
+        self.strong_cutout = float(strong_cutout)
+        #: 1: one view of each target training image; 2: (weak, strong) views (set by the strategy, see set_target_views)
+        self.target_views = 1
         self.source = source
         self.target = target
         self.target_val_samples = None if target_val_samples is None else int(target_val_samples)
@@ -455,6 +475,24 @@ class TransferDataModule(pl.LightningDataModule):
             raise DataError(f"data config input_size {cfg['input_size']} is not (C, H, W): fix the config.")
         self.data_config = cfg
 
+    def set_target_views(self, views: int) -> None:
+        """Serve ``views`` views of each target training image: 1 (the training transform) or 2, a
+        ``(weak, strong)`` pair (:mod:`tlframe.data.views`) for self-training strategies; the model calls it in
+        ``setup`` from its strategy's ``target_views``."""
+        if views not in (1, 2):
+            raise ValueError(f"target views must be 1 or 2, got {views}")
+        if views == 2 and self.feature_cache is not None:
+            raise DataError("a strategy that needs weak and strong views of the target (FixMatch, Mean Teacher) "
+                            "cannot train on cached features: use cache_features: none.")
+        self.target_views = views
+
+    def strong_transform(self):
+        """The strong view: RandAugment(``strong_num_ops``, ``strong_magnitude``), the training transform, a cutout
+        of up to ``strong_cutout`` of each side (:func:`tlframe.data.views.strong_transform`)."""
+        from tlframe.data.views import strong_transform
+
+        return strong_transform(self.train_transform(), self.strong_num_ops, self.strong_magnitude, self.strong_cutout)
+
     def use_feature_cache(self, cache: Optional[FeatureCache]) -> None:
         """Serve backbone features from ``cache`` in every loader (``None``: images again).
 
@@ -558,6 +596,8 @@ class TransferDataModule(pl.LightningDataModule):
             return False
         if name.endswith("train") and self.train_augmentation != "none":
             return False
+        if name == "target train" and self.target_views > 1:  # random strong views
+            return False
         return len(ds) * math.prod(self._resolved_config()["input_size"]) * 4 <= PRELOAD_MAX_BYTES  # type: ignore[arg-type]
 
     def num_train_batches(self) -> int:
@@ -578,13 +618,19 @@ class TransferDataModule(pl.LightningDataModule):
         loaders = {}
         for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
                                             ("target", self.target_train, self.target_batch_size))):
+            views = self.target_views if role == "target" else 1
             common = dict(seed=mix(seed, i), start_epoch=start_epoch, skip=skip * bs,
-                          item_seeds=self.train_augmentation != "none")
+                          item_seeds=self.train_augmentation != "none" or views > 1)
             if role == "source" and self.source_sampler == "balanced":
                 sampler = ClassBalancedSampler(_labels_of(ds), iters * bs, **common)  # type: ignore[arg-type]
             else:
                 sampler = EpochRandomSampler(len(ds), iters * bs, **common)  # type: ignore[arg-type]
-            loaders[role] = self._loader(ds, transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
+            view_transform = transform
+            if views > 1:
+                from tlframe.data.views import TwoViews
+
+                view_transform = TwoViews(transform, self.strong_transform())
+            loaders[role] = self._loader(ds, view_transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
         return CombinedLoader(loaders, mode="min_size")
 
     def _batches_done_in_epoch(self, iters: int) -> int:

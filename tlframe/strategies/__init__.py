@@ -2,7 +2,8 @@
 
 Strategies that train on the target (:class:`Adaptation` and its subclasses: DANN, MMD, CDAN, JAN, MCC, MDD,
 AFN, CORAL) take extra weighted loss ``terms`` (EntropyTerm, MCCTerm, BSPTerm, MMDTerm, JMMDTerm, CORALTerm,
-AFNTerm): see :mod:`tlframe.strategies.terms`. Every fine-tuning strategy (FineTune and the adaptation
+AFNTerm, and the self-training FixMatchTerm and MeanTeacherTerm of :mod:`tlframe.strategies.self_training`):
+see :mod:`tlframe.strategies.terms`. Every fine-tuning strategy (FineTune and the adaptation
 strategies) takes ``regularization`` (L2SP, BSS, DELTA): see :mod:`tlframe.strategies.regularization`.
 """
 
@@ -13,8 +14,10 @@ from tlframe.strategies.terms import (AFNTerm, Adaptation, BSPTerm, CORALTerm, E
                                       MCCTerm, MMDTerm)
 from tlframe.strategies.adaptation import DANN, MMD, DomainDiscriminator
 from tlframe.strategies.shelf import AFN, CDAN, CORAL, JAN, MCC, MDD, L2PreservedDropout
+from tlframe.strategies.self_training import EMATeacher, FixMatch, FixMatchTerm, MeanTeacher, MeanTeacherTerm
 
 __all__ = ["Progress", "Strategy", "StrategyOutput", "TransferStep", "FineTune", "FrozenFeatures", "Adaptation",
            "DANN", "MMD", "DomainDiscriminator", "CDAN", "JAN", "MCC", "MDD", "AFN", "CORAL", "L2PreservedDropout",
            "LossTerm", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm", "AFNTerm",
-           "Regularizer", "L2SP", "BSS", "DELTA"]
+           "Regularizer", "L2SP", "BSS", "DELTA", "FixMatch", "FixMatchTerm", "MeanTeacher", "MeanTeacherTerm",
+           "EMATeacher"]

@@ -68,7 +68,12 @@ class TransferStep:
 
     ``z_*``: backbone features ``(N, D)``; ``f_*``: bottleneck features ``(N, d)``;
     ``logits_*``: ``(N, C)``; ``y_s``: source labels ``(N,)``. Target tensors are ``None``
-    when the strategy does not use the target domain; ``y_t`` is never used for training.
+    when the strategy does not use the target domain.
+
+    With two target views (a strategy whose ``target_views`` is 2: FixMatch, Mean Teacher), ``*_t`` are the
+    student's outputs on the weak view and ``*_t_strong`` on the strong view of the same images; ``x_t`` is the
+    weak view's input batch (e.g. for an EMA teacher). ``y_t``: the target labels, -1 where unlabelled, for
+    diagnostics only (e.g. the pseudo-labels' accuracy in the logs): never used in a loss.
     """
 
     z_s: torch.Tensor
@@ -79,6 +84,11 @@ class TransferStep:
     z_t: Optional[torch.Tensor] = None
     f_t: Optional[torch.Tensor] = None
     logits_t: Optional[torch.Tensor] = None
+    x_t: Optional[torch.Tensor] = None
+    y_t: Optional[torch.Tensor] = None
+    z_t_strong: Optional[torch.Tensor] = None
+    f_t_strong: Optional[torch.Tensor] = None
+    logits_t_strong: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -133,6 +143,8 @@ class Strategy(nn.Module):
     """
 
     uses_target: bool = False
+    #: views of each target training image the strategy needs: 1, or 2 for (weak, strong) (self-training)
+    target_views: int = 1
     trains_backbone: bool = True
     #: Serve cached backbone features instead of images (only a strategy that never trains the backbone may set it).
     cache_features: CacheMode = "none"

@@ -47,7 +47,7 @@ from tlframe.checks import ConfigError, check_number
 from tlframe.losses import (adaptive_feature_norm, batch_spectral_penalty, coral, entropy, joint_mk_mmd,
                             minimum_class_confusion, mk_mmd)
 from tlframe.optim import ParamGroup
-from tlframe.strategies.base import StrategyOutput, TransferStep, checked_weight_and_name
+from tlframe.strategies.base import Progress, StrategyOutput, TransferStep, checked_weight_and_name
 from tlframe.strategies.finetune import FineTune
 
 __all__ = ["LossTerm", "Adaptation", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm",
@@ -87,6 +87,8 @@ class LossTerm(nn.Module):
     kind: str = "term"
     #: whether the term needs the target batch (all terms here do)
     uses_target: bool = True
+    #: views of each target image the term needs: 1, or 2 (weak, strong) for self-training terms
+    target_views: int = 1
 
     def __init__(self, weight: float = 1.0, name: Optional[str] = None):
         super().__init__()
@@ -98,6 +100,16 @@ class LossTerm(nn.Module):
     def param_groups(self) -> list[ParamGroup]:
         """Parameter groups of the term's own modules (none by default)."""
         return []
+
+    def ddp_ignored(self) -> list[str]:
+        """Names (relative to the term) of state DDP must neither broadcast nor synchronise (none by default)."""
+        return []
+
+    def on_train_start(self, progress: Progress, trainer: Any) -> None:
+        """Training starts (``progress.step == 0`` on a fresh run)."""
+
+    def on_train_batch_start(self, progress: Progress) -> None:
+        """Before the step's forward pass (e.g. an EMA teacher follows the student's last optimizer step)."""
 
     def compute(self, step: TransferStep) -> tuple[torch.Tensor, dict[str, Any]]:
         """``(loss, logs)`` for one step: a scalar tensor and diagnostics (floats or 0-d tensors)."""
@@ -133,7 +145,7 @@ class Adaptation(FineTune):
             if not isinstance(term, LossTerm):
                 raise ConfigError(f"terms[{i}] is a {type(term).__name__}, not a loss term: give class_path: "
                                   "tlframe.strategies.<X>Term (EntropyTerm, MCCTerm, BSPTerm, MMDTerm, JMMDTerm, "
-                                  "CORALTerm, AFNTerm) with its init_args")
+                                  "CORALTerm, AFNTerm, FixMatchTerm, MeanTeacherTerm) with its init_args")
         names = [t.name for t in terms]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -160,6 +172,24 @@ class Adaptation(FineTune):
         for term in self.terms:
             groups += [{**g, "name": f"{term.name}.{g.get('name', 'params')}"} for g in term.param_groups()]
         return groups
+
+    @property
+    def target_views(self) -> int:  # type: ignore[override]
+        """2 when a term needs a weak and a strong view of each target image (self-training), else 1."""
+        return max([1, *(t.target_views for t in self.terms)])
+
+    def ddp_ignored(self) -> list[str]:
+        return super().ddp_ignored() + [f"terms.{i}.{n}" for i, t in enumerate(self.terms) for n in t.ddp_ignored()]
+
+    def on_train_start(self, progress: Progress, trainer: Any) -> None:
+        super().on_train_start(progress, trainer)
+        for term in self.terms:
+            term.on_train_start(progress, trainer)
+
+    def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
+        super().on_train_batch_start(backbone, progress)
+        for term in self.terms:
+            term.on_train_batch_start(progress)
 
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         """The strategy's own losses (``cls`` and the method's terms); the base has ``cls`` only."""
