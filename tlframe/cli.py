@@ -9,7 +9,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from jsonargparse import ArgumentError, lazy_instance
@@ -107,6 +107,7 @@ class TLFrameCLI(LightningCLI):
         run's), evaluations are pointed beside it, and the output folders must be writable.
         """
         _check_cpu_devices(self.config[self.subcommand] if self.subcommand else self.config)
+        _source_free_monitor(self.config[self.subcommand] if self.subcommand else self.config)
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
@@ -277,6 +278,19 @@ def unknown_name_error(args: list[str]) -> Optional[str]:
     except Exception:  # noqa: BLE001 - any other problem is reported by the run itself
         return None
     return None
+
+
+def _source_free_monitor(config: Any) -> None:
+    """``data.source: null`` (source-free adaptation) logs no ``val/source_acc``: the default checkpoint monitor then
+    becomes the label-free ``val/target_im`` (information maximisation of the target predictions, higher is
+    better); an explicit other monitor is kept."""
+    data, checkpoint = config.get("data"), config.get("checkpoint")
+    if data is None or checkpoint is None or data.get("source", 0) is not None:
+        return
+    if checkpoint.get("monitor") == "val/source_acc":
+        checkpoint["monitor"], checkpoint["mode"] = "val/target_im", "max"
+        print("tlframe: data.source is null (source-free): best checkpoints are chosen by val/target_im "
+              "(label-free; set checkpoint.monitor to change it)", file=sys.stderr)
 
 
 def resolved_config(args: list[str]) -> dict:

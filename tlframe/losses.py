@@ -20,7 +20,7 @@ __all__ = [
     "entropy", "minimum_class_confusion", "multilinear_map", "randomized_multilinear_map", "cdan_entropy_weights",
     "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
     "l2_sp", "l2_penalty", "batch_spectral_shrinkage", "delta_feature_map_loss", "delta_channel_attention",
-    "pseudo_label_loss", "consistency_loss", "sigmoid_rampup",
+    "pseudo_label_loss", "consistency_loss", "sigmoid_rampup", "information_maximization",
 ]
 
 #: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
@@ -554,3 +554,13 @@ def sigmoid_rampup(step: int, rampup_steps: int) -> float:
         return 1.0
     t = min(max(step, 0) / rampup_steps, 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def information_maximization(logits: torch.Tensor, eps: float = 1e-5, diversity_weight: float = 1.0) -> torch.Tensor:
+    """SHOT's information maximisation loss (Liang et al., ICML 2020, eq. 2; ``Entropy`` of its code):
+    ``1/N sum_i H(p_i) - diversity_weight * H(mean_i p_i)`` with ``p = softmax(logits)`` ``(N, C)`` and
+    ``H(p) = -sum_c p_c log(p_c + eps)``: confident predictions (first term) that still cover every class
+    (second). Float32 inside under autocast; a scalar."""
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        p = torch.softmax(logits.to(_loss_dtype(logits)), dim=1)
+        return _prob_entropy(p, eps).mean() - diversity_weight * _prob_entropy(p.mean(dim=0, keepdim=True), eps)[0]

@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
-from tlframe.backbones import weight_source, create_backbone, data_config
+from tlframe.backbones import create_backbone, data_config, load_head_weights, weight_source
 from tlframe.checks import ConfigError, check_number
 from tlframe.data.feature_cache import FeatureCache
 from tlframe.heads import TransferHead
@@ -55,11 +55,15 @@ class TransferModule(pl.LightningModule):
         num_classes: number of classes; the CLI links it from ``data.num_classes``.
         pretrained: load the hub weights of ``backbone`` (needs internet).
         weights: offline weights for the backbone: a state dict file or a tlframe checkpoint
-            (its ``backbone.*`` tensors; the earlier run's head is not used).
+            (its ``backbone.*`` tensors; the earlier run's head is not used unless ``weights_head``).
+        weights_head: also load the bottleneck and classifier (``head.*``) of the ``weights`` checkpoint: start
+            from the whole earlier model (source-free adaptation, :class:`~tlframe.strategies.SHOT`).
         backbone_kwargs: extra ``timm.create_model`` arguments (``in_chans``, ``drop_path_rate``, ...).
         strategy: the adaptation strategy (default :class:`~tlframe.strategies.FineTune`).
         bottleneck_dim: width of the bottleneck (``0``: classifier directly on the features).
         bottleneck_dropout: dropout after the bottleneck's ReLU.
+        weight_norm_classifier: a weight-normalised classifier (SHOT's source model), see
+            :class:`~tlframe.heads.TransferHead`.
         lr, momentum, weight_decay, nesterov: the default optimizer, SGD as in the reference
             DA recipe. Each parameter group's LR is ``lr * lr_mult`` of its group.
         optimizer: any other torch optimizer (``class_path``/``init_args``); its own ``lr`` is
@@ -92,10 +96,12 @@ class TransferModule(pl.LightningModule):
         num_classes: int = 10,
         pretrained: bool = False,
         weights: Optional[str] = None,
+        weights_head: bool = False,
         backbone_kwargs: Optional[dict[str, Any]] = None,
         strategy: Optional[Strategy] = None,
         bottleneck_dim: int = 256,
         bottleneck_dropout: float = 0.0,
+        weight_norm_classifier: bool = False,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 1e-3,
@@ -131,7 +137,13 @@ class TransferModule(pl.LightningModule):
         if compile:
             self.backbone.compile()  # compiles __call__ in place: no wrapper module, same state_dict keys
         self.channels_last = channels_last
-        self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout)
+        self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout,
+                                 weight_norm=weight_norm_classifier)
+        if weights_head:
+            if weights is None:
+                raise ConfigError("weights_head: true loads the head of the `weights` checkpoint, but model.weights "
+                                  "is not set: give the tlframe checkpoint to start from (e.g. the source run's last.ckpt)")
+            load_head_weights(self.head, weights)
         self.strategy = strategy if strategy is not None else FineTune()
         self.strategy.attach(self.backbone, self.head, num_classes)
         ignored = [f"strategy.{n}" for n in self.strategy.ddp_ignored()]
@@ -168,6 +180,7 @@ class TransferModule(pl.LightningModule):
             dm.use_feature_cache(self.feature_cache)  # features are built lazily, on this module's device
         if dm is not None and hasattr(dm, "set_target_views"):
             dm.set_target_views(self.strategy.target_views if self.strategy.uses_target else 1)
+            dm.set_training_domains(source=self.strategy.uses_source, target_indices=self.strategy.target_indices)
         self.strategy.on_setup(stage, dm)  # e.g. class weights from the source class counts
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
@@ -207,15 +220,16 @@ class TransferModule(pl.LightningModule):
     def transfer_step(self, batch: dict) -> TransferStep:
         """The forward pass of a training batch ``{"source": (x_s, y_s), "target": (x_t, y_t)}`` (``x_t`` a
         ``(weak, strong)`` pair for a strategy with two target views) as the strategy sees it."""
-        x_s, y_s = batch["source"]
+        x_s, y_s = batch["source"] if self.strategy.uses_source else (None, None)
         if not self.strategy.uses_target:
             ((z_s, f_s, g_s),) = self._forward_domains(x_s)
             return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress)
-        x_t, y_t = batch["target"]
+        x_t, y_t, *idx_t = batch["target"]
         weak, strong = x_t if isinstance(x_t, (tuple, list)) else (x_t, None)
         (z_s, f_s, g_s), (z_t, f_t, g_t), (z_ts, f_ts, g_ts) = self._forward_domains(x_s, weak, strong)
         return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress, z_t=z_t, f_t=f_t,
-                            logits_t=g_t, x_t=weak, y_t=y_t, z_t_strong=z_ts, f_t_strong=f_ts, logits_t_strong=g_ts)
+                            logits_t=g_t, x_t=weak, y_t=y_t, idx_t=idx_t[0] if idx_t else None,
+                            z_t_strong=z_ts, f_t_strong=f_ts, logits_t_strong=g_ts)
 
     @property
     def progress(self) -> Progress:
@@ -231,6 +245,7 @@ class TransferModule(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         if self.strategy.wants_label_shift_estimate(self.current_epoch):
             self._estimate_label_shift()
+        self.strategy.on_train_epoch_start(self)
 
     def _estimate_label_shift(self) -> None:
         """BBSE at the start of an epoch: importance weights ``w = q / p`` into the strategy (``label_shift``)."""
@@ -262,18 +277,18 @@ class TransferModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         step = self.transfer_step(batch)
-        x_s, y_s, g_s = batch["source"][0], step.y_s, step.logits_s
         out = self.strategy.compute(step)
         loss = out.total()
         terms = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()}
         if self.hparams.check_finite_loss:  # checked with the gradients, before the optimizer step
             self._step_losses = {**terms, "train/loss": loss.detach()}
         if self._is_logging_step():  # Lightning writes step values only then: skip the per-key cost otherwise
-            bs = x_s.shape[0]
+            bs = (step.logits_s if step.logits_s is not None else step.logits_t).shape[0]
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
             self.log_dict(terms, batch_size=bs)
             self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=bs)
-            self.log("train/source_acc", (g_s.argmax(1) == y_s).float().mean(), batch_size=bs)
+            if step.logits_s is not None:
+                self.log("train/source_acc", (step.logits_s.argmax(1) == step.y_s).float().mean(), batch_size=bs)
         return loss
 
     def _is_logging_step(self) -> bool:

@@ -38,7 +38,10 @@ METHODS = {
     "source_only": "source only", "dann": "DANN", "mmd": "DAN (MMD)", "cdan": "CDAN", "cdan_e": "CDAN+E",
     "jan": "JAN", "mcc": "MCC", "mdd": "MDD", "afn": "AFN", "coral": "CORAL", "bsp_dann": "BSP+DANN",
     "dann_mcc": "DANN+MCC", "mdd_mcc": "MDD+MCC", "fixmatch": "FixMatch", "mean_teacher": "Mean Teacher",
+    "shot_source": "SHOT source model", "shot_im": "SHOT-IM", "shot": "SHOT",
 }
+#: Source-free methods: phase 2 of the same seed starts from this phase-1 method's ``last.ckpt`` (run first).
+SOURCE_MODEL = {"shot": "shot_source", "shot_im": "shot_source"}
 #: Published accuracies (%): TLlib's digits table (LeNet from scratch, MNIST <-> USPS) and Ganin & Lempitsky
 #: 2015, Table 1 (MNIST -> MNIST-M). No published number for DAN on MNIST -> MNIST-M, nor for CDAN+E,
 #: CORAL, DANN+MCC and MDD+MCC on digits.
@@ -52,6 +55,7 @@ REFERENCE = {
     ("mnist2usps", "mcc"): "95.1", ("usps2mnist", "mcc"): "94.6",
     ("mnist2usps", "afn"): "88.6", ("usps2mnist", "afn"): "97.2",
     ("mnist2usps", "bsp_dann"): "95.7", ("usps2mnist", "bsp_dann"): "97.8",
+    ("mnist2usps", "shot"): "98.0", ("usps2mnist", "shot"): "98.4",
 }
 #: Cells with a config but no published number, run only with ``--all-cells``.
 EXTRA_CELLS = {("mnist2mnistm", "mmd")}
@@ -105,10 +109,18 @@ def build_cells(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[in
                 cells.append(Cell(
                     row=task, col=method, seed=seed, out=out, name=f"{task}/{method}/seed{seed}",
                     args=["-c", str(config_path(task, method)), f"--seed_everything={seed}",
-                          *extra],
+                          *source_model_args(out, task, method, seed), *extra],
                     env={"TLFRAME_DATA_ROOT": str(data_root)},
                 ))
     return cells
+
+
+def source_model_args(out: Path, task: str, method: str, seed: int) -> list[str]:
+    """``--model.weights=<phase-1 last.ckpt>`` of a source-free method's run (same task and seed), else nothing."""
+    if method not in SOURCE_MODEL:
+        return []
+    run = out / "runs" / task / SOURCE_MODEL[method] / f"seed{seed}" / "version_0"
+    return [f"--model.weights={run / 'checkpoints' / 'last.ckpt'}"]
 
 
 def _ref_float(ref: str) -> float | None:
@@ -300,7 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cells:
             raise SystemExit("error: none of the selected cells has a published number: add --all-cells to run them")
     print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
-    results = run_cells(cells, log=lambda s: print(s, flush=True), workers=args.workers)
+    # phase-1 source models (SHOT) before the runs that start from them
+    first = [c for c in cells if c.col in SOURCE_MODEL.values()]
+    rest = [c for c in cells if c.col not in SOURCE_MODEL.values()]
+    results = [*run_cells(first, log=lambda s: print(s, flush=True), workers=args.workers),
+               *run_cells(rest, log=lambda s: print(s, flush=True), workers=args.workers)]
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
     return write_results(results_path, text, results, "run_digits")

@@ -34,7 +34,7 @@ import tlframe  # noqa: E402
 from tlframe.data import TransferDataModule  # noqa: E402
 from tlframe.callbacks import TransferInsights  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
-from tlframe.strategies import DANN, MMD, FineTune, FixMatch, FrozenFeatures, MeanTeacher  # noqa: E402
+from tlframe.strategies import DANN, MMD, SHOT, FineTune, FixMatch, FrozenFeatures, MeanTeacher  # noqa: E402
 
 STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD,
               "frozen_cached": lambda: FrozenFeatures(cache_features="memory"),
@@ -43,7 +43,9 @@ STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd
               # two views of each target image; every pseudo-label kept, so the loss is active
               "fixmatch": lambda: FixMatch(threshold=0.0),
               # the EMA teacher (state of its own, ignored by DDP) follows the synchronised student on both ranks
-              "mean_teacher": lambda: MeanTeacher(ema_decay=0.9)}
+              "mean_teacher": lambda: MeanTeacher(ema_decay=0.9),
+              # source-free: every rank labels the whole target split (the same labels), then trains on its shard
+              "shot": lambda: SHOT(pseudo_label_weight=0.3)}
 
 
 class IndexLog(Dataset):
@@ -120,7 +122,8 @@ def run_strategy(name: str, out: Path) -> None:
               "tlframe_file": tlframe.__file__, "pid": os.getpid(),
               "label_shift_weight": getattr(model.strategy, "label_shift_weight", torch.zeros(0)).tolist(),
               "label_shift_epoch": int(getattr(model.strategy, "label_shift_epoch", torch.tensor(-1))),
-              "ema_step": int(model.strategy.terms[0].teacher.ema_step) if name == "mean_teacher" else None}
+              "ema_step": int(model.strategy.terms[0].teacher.ema_step) if name == "mean_teacher" else None,
+              "pseudo_labels": model.strategy.pseudo_labels.tolist() if name == "shot" else None}
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

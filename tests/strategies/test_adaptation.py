@@ -96,7 +96,7 @@ def test_bf16_mixed_fit_runs_every_strategy(strategy_cls, bn_policy, synthetic_d
 ROOT = Path(__file__).resolve().parents[2]
 
 
-DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch", "mean_teacher", "syncbn"]
+DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch", "mean_teacher", "shot", "syncbn"]
 
 
 def _free_port() -> int:
@@ -135,7 +135,7 @@ def _ranks(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch",
-                                  "mean_teacher"])
+                                  "mean_teacher", "shot"])
 def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
     tmp_path = ddp_runs / name
     r0, r1 = _ranks(tmp_path)
@@ -155,6 +155,10 @@ def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
         assert r0["label_shift_epoch"] == r1["label_shift_epoch"] == 1
         assert len(r0["label_shift_weight"]) == 10 and r0["label_shift_weight"] == r1["label_shift_weight"]
         r0["epochs"] = r1["epochs"] = []  # the estimate's reads of the target train split are in epoch 1's log
+    if name == "shot":  # no source batch at all; the same pseudo-labels of all 64 target images on both ranks
+        assert all(not e["source"] for e in r0["epochs"] + r1["epochs"])
+        assert len(r0["pseudo_labels"]) == 64 and r0["pseudo_labels"] == r1["pseudo_labels"]
+        r0["epochs"] = r1["epochs"] = []  # the labelling pass reads the whole target split on each rank
     for e0, e1 in zip(r0["epochs"], r1["epochs"]):
         for domain in ("source", "target"):
             assert len(e0[domain]) == len(e1[domain]) == 16, domain

@@ -18,7 +18,8 @@ from torch import nn
 
 from tlframe.backbones import digits  # noqa: F401  (registers lenet, lenet_tllib, dtn, dann_cnn in timm)
 
-__all__ = ["BackboneError", "create_backbone", "load_backbone_weights", "backbone_stages", "data_config", "weight_source"]
+__all__ = ["BackboneError", "create_backbone", "load_backbone_weights", "load_head_weights", "backbone_stages",
+           "data_config", "weight_source"]
 
 
 class BackboneError(ValueError):
@@ -155,6 +156,27 @@ def load_backbone_weights(model: nn.Module, path: str) -> None:
             + "; ".join(parts) + ". Use the same backbone name (and in_chans) as the run that saved it."
         )
     model.load_state_dict(state)
+
+
+def load_head_weights(head: nn.Module, path: str) -> None:
+    """Load the ``head.*`` tensors (bottleneck and classifier) of a tlframe checkpoint into ``head``: the whole
+    source model, e.g. to adapt it without the source data (SHOT). A checkpoint without them, or with another
+    bottleneck width, number of classes or classifier kind, is an error that names the keys."""
+    file = Path(path).expanduser()
+    state = {k[len("head."):]: v for k, v in _read_state_dict(file).items() if k.startswith("head.")}
+    target = head.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    shape = [k for k in target if k in state and state[k].shape != target[k].shape]
+    if missing or unexpected or shape:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}" for k in shape[:3])]))
+        raise BackboneError(
+            f"weights file {file}: its head (head.* tensors) does not fit this model's ({detail}). Use a tlframe "
+            "checkpoint of a run with the same bottleneck_dim, weight_norm_classifier and classes, or set "
+            "weights_head: false to load the backbone only.")
+    head.load_state_dict(state)
 
 
 def backbone_stages(model: nn.Module) -> list[list[str]]:

@@ -12,7 +12,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tlframe.data.datasets import NO_LABEL, MemoizedDataset, TransformedDataset, held_in_memory, sample_names
+from tlframe.data.datasets import (NO_LABEL, MemoizedDataset, TransformedDataset, WithIndex, held_in_memory,
+                                   sample_names)
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.feature_cache import FeatureCache
@@ -148,7 +149,7 @@ class TransferDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: Domain,
+        source: Optional[Domain],
         target: Domain,
         batch_size: int = 32,
         target_batch_size: Optional[int] = None,
@@ -205,6 +206,8 @@ class TransferDataModule(pl.LightningDataModule):
         self.strong_cutout = float(strong_cutout)
         #: 1: one view of each target training image; 2: (weak, strong) views (set by the strategy, see set_target_views)
         self.target_views = 1
+        #: whether training batches hold the source (False: a source-free strategy) and the target images' indices
+        self.train_source, self.target_indices = source is not None, False
         self.source = source
         self.target = target
         self.target_val_samples = None if target_val_samples is None else int(target_val_samples)
@@ -248,8 +251,8 @@ class TransferDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------- description
     @property
     def classes(self) -> list[str]:
-        """Class names shared by both domains."""
-        return self.source.classes
+        """Class names shared by both domains (the target's in a source-free run)."""
+        return (self.source or self.target).classes
 
     @property
     def num_classes(self) -> int:
@@ -258,24 +261,28 @@ class TransferDataModule(pl.LightningDataModule):
     @property
     def val_domains(self) -> list[str]:
         """Names of the loaders returned by :meth:`val_dataloader`, in order."""
-        return (["source"] if self.val_fraction > 0 else []) + ["target"]
+        return (["source"] if self.val_fraction > 0 and self.source is not None else []) + ["target"]
 
     @property
     def test_domains(self) -> list[str]:
         """Names of the loaders returned by :meth:`test_dataloader`, in order."""
-        return ["target", "source"]
+        return ["target"] + (["source"] if self.source is not None else [])
 
     # ----------------------------------------------------------------- setup
     def prepare_data(self) -> None:
         """Download / extract the domains' files (once per node)."""
-        self.source.prepare()
+        if self.source is not None:
+            self.source.prepare()
         self.target.prepare()
         if self.predict_domain is not None:
             self.predict_domain.prepare()
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Build the raw datasets and check them (idempotent)."""
-        if self.source_train is not None:
+        if self.target_train is not None:
+            return
+        if self.source is None:
+            self._setup_target_only()
             return
         if not self.source.has_labels:
             raise DataError(
@@ -289,12 +296,7 @@ class TransferDataModule(pl.LightningDataModule):
                 "folders (or class lists) of both domains match, same names in the same order."
             )
         full = self.source.dataset("train")
-        target_train, target_test = self.target.dataset("train"), self.target.dataset("test")
-        if self.target_class_fractions is not None:
-            target_train = self._fraction_subset(target_train, self.target_class_fractions, mix(self.split_seed, 4),
-                                                 f"target {self.target.name} train", "target_class_fractions")
-            target_test = self._fraction_subset(target_test, self.target_class_fractions, mix(self.split_seed, 5),
-                                                f"target {self.target.name} test", "target_class_fractions")
+        target_train, target_test = self._target_splits()
         datasets = {
             f"source {self.source.name} train": full,
             f"source {self.source.name} test": self.source.dataset("test"),
@@ -337,6 +339,45 @@ class TransferDataModule(pl.LightningDataModule):
         self.target_train, self.target_test = target_train, target_test
         self.target_val = self._target_val_subset(self.target_test)
         self.predict_data = self._predict_data()
+
+    def _target_splits(self) -> tuple[Dataset, Dataset]:
+        """The target train and test splits (with ``target_class_fractions`` applied)."""
+        target_train, target_test = self.target.dataset("train"), self.target.dataset("test")
+        if self.target_class_fractions is not None:
+            target_train = self._fraction_subset(target_train, self.target_class_fractions, mix(self.split_seed, 4),
+                                                 f"target {self.target.name} train", "target_class_fractions")
+            target_test = self._fraction_subset(target_test, self.target_class_fractions, mix(self.split_seed, 5),
+                                                f"target {self.target.name} test", "target_class_fractions")
+        return target_train, target_test
+
+    def _setup_target_only(self) -> None:
+        """``source: null``: a source-free run (e.g. SHOT's adaptation phase) has the target splits only."""
+        target_train, target_test = self._target_splits()
+        for what, ds in ((f"target {self.target.name} train", target_train), (f"target {self.target.name} test", target_test)):
+            if len(ds) == 0:  # type: ignore[arg-type]
+                raise DataError(f"the {what} split is empty: give that domain some images.")
+        if self.target_batch_size > len(target_train):  # type: ignore[arg-type]
+            raise DataError(f"target batch size {self.target_batch_size} is larger than the target train set "
+                            f"({len(target_train)} images): lower batch_size / target_batch_size to at most "  # type: ignore[arg-type]
+                            f"{len(target_train)}.")  # type: ignore[arg-type]
+        self.target_train, self.target_test = target_train, target_test
+        self.target_val = self._target_val_subset(self.target_test)
+        self.predict_data = self._predict_data()
+
+    def set_training_domains(self, source: bool = True, target_indices: bool = False) -> None:
+        """What the training batches hold (the model calls it in ``setup`` from its strategy): the source
+        (``source=False``: a source-free strategy; no source loader is built) and, with ``target_indices``, each
+        target image's index in the target train split (the batch is then ``(x_t, y_t, idx_t)``)."""
+        if source and self.source is None:
+            raise DataError("data.source is null (a source-free run), but the strategy trains on the labelled source: "
+                            "give data.source, or use a source-free strategy (tlframe.strategies.SHOT).")
+        self.train_source, self.target_indices = bool(source), bool(target_indices)
+
+    def target_eval_loader(self) -> DataLoader:
+        """The target train split with the eval transform, in order (images ``0 .. n-1``), e.g. for a strategy's
+        pass over the unlabelled adaptation data (its labels, if any, must not be read)."""
+        self._ensure_setup()
+        return self._loader(self.target_train, self.eval_transform(), self.eval_batch_size, "target train")  # type: ignore[arg-type]
 
     def _target_val_subset(self, test: Dataset) -> Dataset:
         """The target split validated each epoch: ``test`` or its ``target_val_samples`` stratified sample."""
@@ -430,6 +471,8 @@ class TransferDataModule(pl.LightningDataModule):
         hold-out), ``(num_classes,)`` int64, read without decoding images: the ``counts`` of
         :func:`tlframe.label_shift.class_weights`."""
         self._ensure_setup()
+        if self.source_train is None:
+            raise DataError("class weights need the source class counts, but data.source is null (a source-free run)")
         return np.bincount(_labels_of(self.source_train), minlength=self.num_classes).astype(np.int64)  # type: ignore[arg-type]
 
     def source_train_sample(self, num: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,7 +487,7 @@ class TransferDataModule(pl.LightningDataModule):
 
     def check_label_shift_data(self) -> None:
         """Raise :class:`DataError` unless the data can feed a label-shift estimate (a source validation split)."""
-        if self.val_fraction == 0:
+        if self.val_fraction == 0 or self.source is None:
             raise DataError("label_shift: bbse needs a labelled source validation split for the confusion matrix "
                             "(the training split would give an over-confident one): set data.val_fraction > 0 "
                             "(e.g. 0.1) or model.strategy.init_args.label_shift: none.")
@@ -463,7 +506,7 @@ class TransferDataModule(pl.LightningDataModule):
         return out[0], out[1]
 
     def _ensure_setup(self) -> None:
-        if self.source_train is None:
+        if self.target_train is None:
             self.setup("fit")
 
     # ----------------------------------------------------------------- transforms
@@ -563,7 +606,7 @@ class TransferDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, ds: Dataset, transform, batch_size: int, name: str, sampler=None,
-                drop_last: bool = False) -> DataLoader:
+                drop_last: bool = False, with_index: bool = False) -> DataLoader:
         """A loader of ``ds`` (``name``: role and split, e.g. ``"source val"``), images or cached features."""
         data: Dataset = TransformedDataset(ds, transform, self.image_mode)
         workers = self.num_workers
@@ -578,6 +621,8 @@ class TransferDataModule(pl.LightningDataModule):
             if key not in self._preloaded:
                 self._preloaded[key] = MemoizedDataset(data)
             data, workers = self._preloaded[key], 0
+        if with_index:
+            data = WithIndex(data)
         return DataLoader(
             data,
             batch_size=batch_size,
@@ -605,8 +650,10 @@ class TransferDataModule(pl.LightningDataModule):
         if self.iters_per_epoch is not None:
             return int(self.iters_per_epoch)
         self._ensure_setup()
-        return max(math.ceil(len(self.source_train) / self.batch_size),  # type: ignore[arg-type]
-                   math.ceil(len(self.target_train) / self.target_batch_size))  # type: ignore[arg-type]
+        target = math.ceil(len(self.target_train) / self.target_batch_size)  # type: ignore[arg-type]
+        if not self.train_source:
+            return target
+        return max(math.ceil(len(self.source_train) / self.batch_size), target)  # type: ignore[arg-type]
 
     def train_dataloader(self) -> CombinedLoader:
         self._ensure_setup()
@@ -618,6 +665,8 @@ class TransferDataModule(pl.LightningDataModule):
         loaders = {}
         for i, (role, ds, bs) in enumerate((("source", self.source_train, self.batch_size),
                                             ("target", self.target_train, self.target_batch_size))):
+            if role == "source" and not self.train_source:
+                continue  # a source-free strategy: no source loader at all
             views = self.target_views if role == "target" else 1
             common = dict(seed=mix(seed, i), start_epoch=start_epoch, skip=skip * bs,
                           item_seeds=self.train_augmentation != "none" or views > 1)
@@ -630,7 +679,8 @@ class TransferDataModule(pl.LightningDataModule):
                 from tlframe.data.views import TwoViews
 
                 view_transform = TwoViews(transform, self.strong_transform())
-            loaders[role] = self._loader(ds, view_transform, bs, f"{role} train", sampler=sampler, drop_last=True)  # type: ignore[arg-type]
+            loaders[role] = self._loader(ds, view_transform, bs, f"{role} train", sampler=sampler, drop_last=True,  # type: ignore[arg-type]
+                                         with_index=role == "target" and self.target_indices)
         return CombinedLoader(loaders, mode="min_size")
 
     def _batches_done_in_epoch(self, iters: int) -> int:

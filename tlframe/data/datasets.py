@@ -179,3 +179,17 @@ class MemoizedDataset(Dataset):
         if item is None:
             item = self.items[index] = self.data[index]
         return item
+
+
+class WithIndex(Dataset):
+    """``data[i] + (i,)``: each item followed by its index in ``data`` (an ``(index, seed)`` request gives ``index``)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: Union[int, tuple[int, int]]):
+        i = index[0] if isinstance(index, tuple) else index
+        return (*self.data[index], int(i))

@@ -73,7 +73,9 @@ class TransferStep:
     With two target views (a strategy whose ``target_views`` is 2: FixMatch, Mean Teacher), ``*_t`` are the
     student's outputs on the weak view and ``*_t_strong`` on the strong view of the same images; ``x_t`` is the
     weak view's input batch (e.g. for an EMA teacher). ``y_t``: the target labels, -1 where unlabelled, for
-    diagnostics only (e.g. the pseudo-labels' accuracy in the logs): never used in a loss.
+    diagnostics only (e.g. the pseudo-labels' accuracy in the logs): never used in a loss. ``idx_t``: each target
+    image's index in the target train split (a strategy with ``target_indices``). A source-free strategy
+    (``uses_source = False``) gets ``None`` for every source tensor.
     """
 
     z_s: torch.Tensor
@@ -86,6 +88,7 @@ class TransferStep:
     logits_t: Optional[torch.Tensor] = None
     x_t: Optional[torch.Tensor] = None
     y_t: Optional[torch.Tensor] = None
+    idx_t: Optional[torch.Tensor] = None
     z_t_strong: Optional[torch.Tensor] = None
     f_t_strong: Optional[torch.Tensor] = None
     logits_t_strong: Optional[torch.Tensor] = None
@@ -143,6 +146,10 @@ class Strategy(nn.Module):
     """
 
     uses_target: bool = False
+    #: whether training reads the labelled source (False: source-free adaptation; no source loader is built)
+    uses_source: bool = True
+    #: whether target training batches carry each image's index in the target train split (``step.idx_t``)
+    target_indices: bool = False
     #: views of each target training image the strategy needs: 1, or 2 for (weak, strong) (self-training)
     target_views: int = 1
     trains_backbone: bool = True
@@ -244,6 +251,10 @@ class Strategy(nn.Module):
 
     def on_train_start(self, progress: Progress, trainer: Any) -> None:
         """Training starts (``progress.step == 0`` on a fresh run; after a resume's restore otherwise)."""
+
+    def on_train_epoch_start(self, module: Any) -> None:
+        """An epoch starts (after a resume's restore too); ``module`` is the :class:`~tlframe.module.TransferModule`,
+        e.g. for a pass over the target data (SHOT's centroid pseudo-labels). Nothing by default."""
 
     def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
         """Parameter groups with ``lr_mult``; the base trains only the head."""
