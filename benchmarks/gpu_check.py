@@ -146,6 +146,12 @@ def strategy_classes() -> dict[str, type]:
             and issubclass(getattr(S, n), S.Strategy) and getattr(S, n) is not S.Strategy}
 
 
+#: Constructor arguments of a strategy under the AMP check, which trains on synthetic batches without a data module:
+#: SHOT's centroid pseudo-labels need a pass over a target data set, so the check runs SHOT-IM (the same
+#: forward and loss code, information maximisation only).
+AMP_STRATEGY_KWARGS = {"SHOT": {"pseudo_label_weight": 0.0}}
+
+
 def scaler_of(trainer) -> Any:
     plugin = getattr(trainer.strategy, "precision_plugin", None) or getattr(trainer, "precision_plugin", None)
     return getattr(plugin, "scaler", None)
@@ -190,14 +196,16 @@ def part_amp(cfg: dict, out: Path, record: dict) -> None:
         row: dict[str, Any] = {}
         for precision in cfg["amp_precisions"]:
             torch.manual_seed(0)
-            model = TransferModule(setup.backbone, num_classes=setup.num_classes, strategy=cls(), lr=0.01)
+            strategy = cls(**AMP_STRATEGY_KWARGS.get(sname, {}))
+            model = TransferModule(setup.backbone, num_classes=setup.num_classes, strategy=strategy, lr=0.01)
             rec = Recorder()
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = pl.Trainer(accelerator="gpu" if cfg["device"] == "cuda" else "cpu", devices=1,
                                      max_steps=setup.steps, precision=precision, logger=False, callbacks=[rec],
                                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp)
-                trainer.fit(model, train_dataloaders=tp.Batches(setup, tp._in_chans(setup.backbone), setup.steps))
+                trainer.fit(model, train_dataloaders=tp.Batches(setup, tp._in_chans(setup.backbone), setup.steps,
+                                                                strategy=strategy))
             entry: dict[str, Any] = {"losses": rec.losses, "finite": all(math.isfinite(x) for x in rec.losses)}
             if precision == "16-mixed":
                 entry["scaler_skipped_steps"] = skipped_steps(rec.scales)

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -218,9 +218,12 @@ class StepTimer(pl.Callback):
 
 # --------------------------------------------------------------------------- data
 class Batches:
-    """``length`` batches ``{"source": (x, y), "target": (x, y)}`` cycling over a few made once on the device."""
+    """``length`` batches ``{"source": (x, y), "target": (x, y)}`` cycling over a few made once on the device.
 
-    def __init__(self, setup: Setup, in_chans: int, length: int, distinct: int = 4):
+    ``strategy``: shape the target part as it needs (``((x_weak, x_strong), y)`` for two views, ``(x, y, index)``
+    with ``target_indices``), as :class:`~tlframe.data.TransferDataModule` serves it."""
+
+    def __init__(self, setup: Setup, in_chans: int, length: int, distinct: int = 4, strategy: Any = None):
         gen = torch.Generator().manual_seed(0)
         shape = (setup.batch_size, in_chans, setup.image_size, setup.image_size)
 
@@ -228,7 +231,15 @@ class Batches:
             x = torch.randn(shape, generator=gen).to(setup.device)
             return x, torch.randint(0, setup.num_classes, (setup.batch_size,), generator=gen).to(setup.device)
 
-        self.batches = [{"source": domain(), "target": domain()} for _ in range(distinct)]
+        def target(i: int):
+            x, y = domain()
+            if getattr(strategy, "target_views", 1) == 2:
+                x = (x, torch.randn(shape, generator=gen).to(setup.device))
+            if getattr(strategy, "target_indices", False):
+                return x, y, torch.arange(i * setup.batch_size, (i + 1) * setup.batch_size, device=setup.device)
+            return x, y
+
+        self.batches = [{"source": domain(), "target": target(i)} for i in range(distinct)]
         self.length = length
 
     def __len__(self) -> int:
