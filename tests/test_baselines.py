@@ -60,3 +60,12 @@ def test_no_target_only_baseline_without_target_labels(dann_config):
     unlabelled = copy.deepcopy(dann_config)
     unlabelled["data"]["target"]["init_args"]["labelled"] = False
     assert target_only_config(unlabelled, 10) is None
+
+
+def test_a_source_free_run_has_no_source_only_sibling_but_a_target_only_one():
+    shot = resolved_config(["fit", "-c", str(ROOT / "configs" / "digits" / "mnist2usps" / "shot.yaml")])
+    assert shot["data"]["source"] is None and shot["model"]["strategy"]["class_path"] == "tlframe.strategies.SHOT"
+    assert source_only_config(shot) is None  # its source-only result is the source model it starts from
+    target_only = target_only_config(shot, labels_per_class=10)
+    assert target_only["model"]["strategy"]["class_path"] == FINETUNE
+    assert target_only["data"]["source"]["class_path"] == "tlframe.data.USPSDomain"

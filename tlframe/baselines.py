@@ -10,7 +10,8 @@ al. 2005) is a transfer result worse than what the target data alone give. A run
   the target is then only evaluated, never trained on. So a DANN + L2-SP run is compared with FineTune +
   L2-SP: the difference is the adaptation alone. Only for runs whose strategy trains on the target (``uses_target``,
   extra loss ``terms``, or ``label_shift``, which reads the unlabelled target and is dropped from both baselines):
-  any other run is its own source-only result.
+  any other run is its own source-only result. A source-free run (``data.source: null``, SHOT) has none: its
+  source-only result is the source model it starts from (``model.weights``).
 - **target-only**: FineTune trained on the *target* domain's labelled ``train`` split alone, reduced to
   ``labels_per_class`` images per class (``None``: all of them), and evaluated on the target ``test``
   split as the run is; the source is not used. Only when the target is labelled (for evaluation).
@@ -61,6 +62,8 @@ def source_only_config(config: dict[str, Any]) -> Optional[dict[str, Any]]:
                    or init_args.get("label_shift", "none") != "none")
     if not uses_target:
         return None  # neither the strategy, an extra loss term nor a label-shift correction uses the target
+    if (config.get("data") or {}).get("source", 0) is None:
+        return None  # source-free (SHOT): no source data to train on; its source-only result is its starting model
     out = copy.deepcopy(config)
     out["model"]["strategy"] = _finetune_strategy(config["model"]["strategy"])
     return out
