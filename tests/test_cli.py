@@ -169,6 +169,10 @@ def test_digit_configs_train_on_the_real_data(config, shared_data, tmp_path, mon
     main(["fit", "-c", str(CONFIGS / config), f"--trainer.logger.init_args.save_dir={tmp_path}", *short, *extra])
     out = capsys.readouterr().out
     assert "val/target_acc" in out and ("val/source_acc" in out) != source_free
+    if source_free:  # no val/source_acc: the best checkpoint by the label-free IM loss, lower is better
+        assert "(by val/target_im, no target labels used)" in out
+        saved = yaml.safe_load(next(tmp_path.glob("digits/*/*/version_0/config.yaml")).read_text())
+        assert saved["checkpoint"]["monitor"] == "val/target_im" and saved["checkpoint"]["mode"] == "min"
 
 
 def test_cli_checkpoint_reloads_with_its_strategy(tmp_path):

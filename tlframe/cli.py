@@ -282,13 +282,13 @@ def unknown_name_error(args: list[str]) -> Optional[str]:
 
 def _source_free_monitor(config: Any) -> None:
     """``data.source: null`` (source-free adaptation) logs no ``val/source_acc``: the default checkpoint monitor then
-    becomes the label-free ``val/target_im`` (information maximisation of the target predictions, higher is
-    better); an explicit other monitor is kept."""
+    becomes the label-free ``val/target_im`` (the information-maximisation loss of the target predictions, mean
+    entropy minus the entropy of the mean: lower is better); an explicit other monitor is kept."""
     data, checkpoint = config.get("data"), config.get("checkpoint")
     if data is None or checkpoint is None or data.get("source", 0) is not None:
         return
     if checkpoint.get("monitor") == "val/source_acc":
-        checkpoint["monitor"], checkpoint["mode"] = "val/target_im", "max"
+        checkpoint["monitor"], checkpoint["mode"] = "val/target_im", "min"
         print("tlframe: data.source is null (source-free): best checkpoints are chosen by val/target_im "
               "(label-free; set checkpoint.monitor to change it)", file=sys.stderr)
 
