@@ -33,14 +33,31 @@ STRATEGIES = {
     # an EMA teacher (its own state, updated after every optimizer step) and seeded weak + strong target views
     "mean_teacher": ["--model.strategy=tlframe.strategies.MeanTeacher", "--model.strategy.ema_decay=0.9",
                      "--model.strategy.rampup_steps=10"],
+    # two optimizers and schedulers, 3 + num_k optimizer steps per batch (global_step counts each)
+    "mcd": ["--model.strategy=tlframe.strategies.MCD", "--model.strategy.num_k=2",
+            "--model.strategy.classifier_width=64", "--checkpoint.every_n_train_steps=20"],
 }
+#: optimizer steps (trainer.global_step) per batch
+PER_BATCH = {"mcd": 3 + 2}
 
 
 def _state(ckpt: Path) -> dict:
     return torch.load(ckpt, map_location="cpu", weights_only=False)
 
 
-def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, timeout: float = 240.0) -> int:
+def _same(a, b) -> bool:
+    """Nested dicts/lists of tensors and plain values, equal element by element (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, per_batch: int = 1,
+                                     timeout: float = 240.0) -> int:
     """Freeze the run each time last.ckpt changes; SIGKILL it when that checkpoint is mid-epoch. Returns its step."""
     seen, deadline = None, time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -48,7 +65,7 @@ def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, timeou
             proc.send_signal(signal.SIGSTOP)
             seen = last.stat().st_mtime_ns
             step = _state(last)["global_step"]
-            if step % ITERS:
+            if (step // per_batch) % ITERS:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return step
@@ -61,17 +78,18 @@ def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, timeou
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys, strategy):
     ARGS = [*COMMON, *STRATEGIES[strategy]]
+    per_batch = PER_BATCH.get(strategy, 1)
     main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
     full_out = capsys.readouterr().out
     reference = _state(tmp_path / "full" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
-    assert reference["global_step"] == 4 * ITERS
+    assert reference["global_step"] == 4 * ITERS * per_batch
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "tlframe", "fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/killed"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed" / "quickstart" / "version_0" / "checkpoints"
-    step = _kill_when_last_ckpt_is_mid_epoch(proc, run / "last.ckpt")
-    assert proc.returncode == -signal.SIGKILL and 0 < step < 4 * ITERS and step % ITERS
+    step = _kill_when_last_ckpt_is_mid_epoch(proc, run / "last.ckpt", per_batch)
+    assert proc.returncode == -signal.SIGKILL and 0 < step < 4 * ITERS * per_batch and (step // per_batch) % ITERS
     killed_at = _state(run / "last.ckpt")  # complete and loadable: written atomically
     assert killed_at["global_step"] == step
 
@@ -81,6 +99,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
     assert resumed["global_step"] == reference["global_step"]
     if strategy == "dann_bbse":
         assert int(reference["state_dict"]["strategy.label_shift_epoch"]) == 3  # re-estimated at epochs 1, 2, 3
+    elif strategy == "mcd":  # both optimizers' and schedulers' states come back too
+        assert len(resumed["optimizer_states"]) == len(resumed["lr_schedulers"]) == 2
+        assert _same(resumed["optimizer_states"], reference["optimizer_states"])
+        assert _same(resumed["lr_schedulers"], reference["lr_schedulers"])
     else:  # the teacher followed steps 1 .. 23 (applied before each step's forward)
         assert int(reference["state_dict"]["strategy.terms.0.teacher.ema_step"]) == 4 * ITERS - 1
     for key, value in reference["state_dict"].items():

@@ -20,7 +20,7 @@ __all__ = [
     "entropy", "minimum_class_confusion", "multilinear_map", "randomized_multilinear_map", "cdan_entropy_weights",
     "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
     "l2_sp", "l2_penalty", "batch_spectral_shrinkage", "delta_feature_map_loss", "delta_channel_attention",
-    "pseudo_label_loss", "consistency_loss", "sigmoid_rampup", "information_maximization",
+    "pseudo_label_loss", "consistency_loss", "sigmoid_rampup", "information_maximization", "classifier_discrepancy",
 ]
 
 #: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
@@ -564,3 +564,13 @@ def information_maximization(logits: torch.Tensor, eps: float = 1e-5, diversity_
     with torch.autocast(device_type=logits.device.type, enabled=False):
         p = torch.softmax(logits.to(_loss_dtype(logits)), dim=1)
         return _prob_entropy(p, eps).mean() - diversity_weight * _prob_entropy(p.mean(dim=0, keepdim=True), eps)[0]
+
+
+def classifier_discrepancy(probs_1: torch.Tensor, probs_2: torch.Tensor) -> torch.Tensor:
+    """MCD's discrepancy of two classifiers (Saito et al., CVPR 2018, eq. 1; TLlib ``classifier_discrepancy``):
+    ``1/(N K) sum_i sum_k |p1_ik - p2_ik|`` for probabilities ``(N, K)`` (softmax outputs). Float32 inside."""
+    if probs_1.shape != probs_2.shape or probs_1.ndim != 2:
+        raise ValueError(f"classifier_discrepancy: {tuple(probs_1.shape)} and {tuple(probs_2.shape)} must both be (N, K)")
+    with torch.autocast(device_type=probs_1.device.type, enabled=False):
+        dtype = _loss_dtype(probs_1, probs_2)
+        return (probs_1.to(dtype) - probs_2.to(dtype)).abs().mean()

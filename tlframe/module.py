@@ -146,6 +146,8 @@ class TransferModule(pl.LightningModule):
             load_head_weights(self.head, weights)
         self.strategy = strategy if strategy is not None else FineTune()
         self.strategy.attach(self.backbone, self.head, num_classes)
+        # a strategy with several optimizer steps per batch (MCD) makes them itself: Lightning's manual optimization
+        self.automatic_optimization = not self.strategy.manual_optimization
         ignored = [f"strategy.{n}" for n in self.strategy.ddp_ignored()]
         if ignored:  # frozen starting state (L2-SP's w0, DELTA's teacher): no DDP broadcast, no gradient sync
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ignored)
@@ -275,21 +277,51 @@ class TransferModule(pl.LightningModule):
         seed_generators(step_seed(run_seed(), self.global_rank, self.global_step, micro_batch), self.device)
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
+        if self.strategy.manual_optimization:
+            return self._manual_training_step(batch)
         step = self.transfer_step(batch)
         out = self.strategy.compute(step)
         loss = out.total()
-        terms = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()}
+        self.record_step_losses(out)
+        self._log_step(out, loss, step)
+        return loss
+
+    def record_step_losses(self, out: Any) -> None:
+        """Keep the loss terms of the coming optimizer step for the non-finite check (``check_finite_loss``)."""
         if self.hparams.check_finite_loss:  # checked with the gradients, before the optimizer step
-            self._step_losses = {**terms, "train/loss": loss.detach()}
+            self._step_losses = {**{f"train/loss_{k}": v.detach() for k, v in out.losses.items()},
+                                 "train/loss": out.total().detach()}
+
+    def _manual_training_step(self, batch: dict) -> None:
+        """A ``manual_optimization`` strategy's batch (its own forwards, backwards and optimizer steps), then one
+        step of every LR scheduler (``scheduler_interval: step``)."""
+        out = self.strategy.manual_step(self, batch)
+        if self.hparams.scheduler_interval == "step":
+            for scheduler in self._schedulers():
+                scheduler.step()
+        x_s = batch["source"][0]
+        self._log_step(out, out.total().detach(), None, batch_size=x_s.shape[0])
+        return None
+
+    def _schedulers(self) -> list:
+        schedulers = self.lr_schedulers()
+        return [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
+
+    def on_train_epoch_end(self) -> None:
+        if self.strategy.manual_optimization and self.hparams.scheduler_interval == "epoch":
+            for scheduler in self._schedulers():
+                scheduler.step()
+
+    def _log_step(self, out: Any, loss: torch.Tensor, step: Optional[TransferStep], batch_size: int = 0) -> None:
+        terms = {f"train/loss_{k}": v.detach() for k, v in out.losses.items()}
         if self._is_logging_step():  # Lightning writes step values only then: skip the per-key cost otherwise
-            bs = (step.logits_s if step.logits_s is not None else step.logits_t).shape[0]
+            bs = batch_size or (step.logits_s if step.logits_s is not None else step.logits_t).shape[0]
             self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
             self.log_dict(terms, batch_size=bs)
             self.log_dict({f"train/{k}": v for k, v in out.logs.items()}, batch_size=bs)
-            if step.logits_s is not None:
+            if step is not None and step.logits_s is not None:
                 self.log("train/source_acc", (step.logits_s.argmax(1) == step.y_s).float().mean(), batch_size=bs)
-        return loss
 
     def _is_logging_step(self) -> bool:
         """Whether the trainer writes step metrics at this step (every ``log_every_n_steps``)."""
@@ -407,8 +439,13 @@ class TransferModule(pl.LightningModule):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- optimisation ------------------------------------------------------------------
-    def configure_optimizers(self) -> dict:
-        groups = nonempty_groups(self.strategy.param_groups(self.backbone, self.head))
+    def configure_optimizers(self) -> Any:
+        """One optimizer and LR scheduler per entry of the strategy's ``optimizer_groups`` (one for most)."""
+        built = [self._optimizer_and_scheduler(nonempty_groups(groups))
+                 for _, groups in self.strategy.optimizer_groups(self.backbone, self.head)]
+        return built[0] if len(built) == 1 else built
+
+    def _optimizer_and_scheduler(self, groups: list) -> dict:
         try:
             if self.optimizer_factory is None:
                 optimizer = torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum,

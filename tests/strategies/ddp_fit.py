@@ -34,7 +34,7 @@ import tlframe  # noqa: E402
 from tlframe.data import TransferDataModule  # noqa: E402
 from tlframe.callbacks import TransferInsights  # noqa: E402
 from tlframe.module import TransferModule  # noqa: E402
-from tlframe.strategies import DANN, MMD, SHOT, FineTune, FixMatch, FrozenFeatures, MeanTeacher  # noqa: E402
+from tlframe.strategies import DANN, MCD, MMD, SHOT, FineTune, FixMatch, FrozenFeatures, MeanTeacher  # noqa: E402
 
 STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd": MMD,
               "frozen_cached": lambda: FrozenFeatures(cache_features="memory"),
@@ -45,7 +45,9 @@ STRATEGIES = {"finetune": FineTune, "frozen": FrozenFeatures, "dann": DANN, "mmd
               # the EMA teacher (state of its own, ignored by DDP) follows the synchronised student on both ranks
               "mean_teacher": lambda: MeanTeacher(ema_decay=0.9),
               # source-free: every rank labels the whole target split (the same labels), then trains on its shard
-              "shot": lambda: SHOT(pseudo_label_weight=0.3)}
+              "shot": lambda: SHOT(pseudo_label_weight=0.3),
+              # manual optimization: 3 + num_k optimizer steps per batch, several backward passes per training_step
+              "mcd": lambda: MCD(classifier_width=64)}
 
 
 class IndexLog(Dataset):

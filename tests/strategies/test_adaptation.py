@@ -96,7 +96,7 @@ def test_bf16_mixed_fit_runs_every_strategy(strategy_cls, bn_policy, synthetic_d
 ROOT = Path(__file__).resolve().parents[2]
 
 
-DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch", "mean_teacher", "shot", "syncbn"]
+DDP_RUNS = ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch", "mean_teacher", "shot", "mcd", "syncbn"]
 
 
 def _free_port() -> int:
@@ -135,14 +135,15 @@ def _ranks(out: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("name", ["finetune", "frozen", "dann", "mmd", "frozen_cached", "dann_bbse", "fixmatch",
-                                  "mean_teacher", "shot"])
+                                  "mean_teacher", "shot", "mcd"])
 def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
     tmp_path = ddp_runs / name
     r0, r1 = _ranks(tmp_path)
     assert Path(r0["tlframe_file"]).resolve().is_relative_to(ROOT)  # the spawned ranks ran this checkout
     assert r0["world_size"] == r1["world_size"] == 2
     assert r0["train_batches"] == r1["train_batches"] == 2  # 4 iterations per epoch shared by 2 ranks
-    assert [s["step"] for s in r0["steps"]] == [s["step"] for s in r1["steps"]] == [1, 2, 3, 4]
+    per_batch = 3 + 4 if name == "mcd" else 1  # MCD: every one of its optimizer steps counts (A: 2, B: 1, C: 4)
+    assert [s["step"] for s in r0["steps"]] == [s["step"] for s in r1["steps"]] == [per_batch * i for i in (1, 2, 3, 4)]
     assert r0["steps"] == r1["steps"]  # coefficient and every group's LR
     if name == "dann":
         assert [s["coeff"] for s in r0["steps"]] == pytest.approx([warm_start_coefficient(i, 4) for i in range(4)])
@@ -183,7 +184,7 @@ def test_two_process_cpu_ddp_fit_validate_test(name, ddp_runs):
     events = list((tmp_path / "tb" / "run" / "version_0").glob("events.out.tfevents.*"))
     # one event file per stage (fit, validate, test: the writer is closed after each), all by rank 0's process
     assert len(events) == 3 and {p.name.split(".")[-2] for p in events} == {str(r0["pid"])}, events
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=1-step=4.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [f"epoch=1-step={4 * per_batch}.ckpt", "last.ckpt"]
     assert not list(tmp_path.glob("lightning_logs*"))
 
 

@@ -15,10 +15,11 @@ from tlframe.strategies.terms import (AFNTerm, Adaptation, BSPTerm, CORALTerm, E
 from tlframe.strategies.adaptation import DANN, MMD, DomainDiscriminator
 from tlframe.strategies.shelf import AFN, CDAN, CORAL, JAN, MCC, MDD, L2PreservedDropout
 from tlframe.strategies.source_free import SHOT
+from tlframe.strategies.mcd import MCD
 from tlframe.strategies.self_training import EMATeacher, FixMatch, FixMatchTerm, MeanTeacher, MeanTeacherTerm
 
 __all__ = ["Progress", "Strategy", "StrategyOutput", "TransferStep", "FineTune", "FrozenFeatures", "Adaptation",
            "DANN", "MMD", "DomainDiscriminator", "CDAN", "JAN", "MCC", "MDD", "AFN", "CORAL", "L2PreservedDropout",
            "LossTerm", "EntropyTerm", "MCCTerm", "BSPTerm", "MMDTerm", "JMMDTerm", "CORALTerm", "AFNTerm",
            "Regularizer", "L2SP", "BSS", "DELTA", "FixMatch", "FixMatchTerm", "MeanTeacher", "MeanTeacherTerm",
-           "EMATeacher", "SHOT"]
+           "EMATeacher", "SHOT", "MCD"]

@@ -148,6 +148,8 @@ class Strategy(nn.Module):
     uses_target: bool = False
     #: whether training reads the labelled source (False: source-free adaptation; no source loader is built)
     uses_source: bool = True
+    #: the strategy makes its own optimizer steps per batch (Lightning's manual optimization): :meth:`manual_step`
+    manual_optimization: bool = False
     #: whether target training batches carry each image's index in the target train split (``step.idx_t``)
     target_indices: bool = False
     #: views of each target training image the strategy needs: 1, or 2 for (weak, strong) (self-training)
@@ -259,6 +261,18 @@ class Strategy(nn.Module):
     def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
         """Parameter groups with ``lr_mult``; the base trains only the head."""
         return [{"name": "head", "params": trainable(head), "lr_mult": self.head_lr_mult}]
+
+    def optimizer_groups(self, backbone: nn.Module, head: nn.Module) -> list[tuple[str, list[ParamGroup]]]:
+        """``[(name, parameter groups)]``: one optimizer (and LR scheduler) is built per entry, each from
+        ``model.optimizer`` (or the default SGD) and ``model.scheduler``; a group may override optimizer settings
+        (e.g. ``"momentum": 0.0``). Default: one optimizer over :meth:`param_groups`."""
+        return [("main", self.param_groups(backbone, head))]
+
+    def manual_step(self, module: Any, batch: dict) -> StrategyOutput:
+        """One training batch with the strategy's own forward passes, ``module.manual_backward(loss)`` and optimizer
+        steps (``module.optimizers()``, in :meth:`optimizer_groups` order), for ``manual_optimization``
+        strategies. Returns the detached losses to log. The module steps the LR schedulers afterwards."""
+        raise NotImplementedError(f"{type(self).__name__} sets manual_optimization but has no manual_step")
 
     def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
         """Put frozen parts in eval mode (Lightning sets the whole model to train each epoch)."""
