@@ -157,8 +157,8 @@ DIGIT_CONFIGS = [c for c in ALL_CONFIGS if c.startswith("digits/")]
 @pytest.mark.parametrize("config", DIGIT_CONFIGS)
 def test_digit_configs_train_on_the_real_data(config, shared_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLFRAME_DATA_ROOT", str(shared_data))
-    short = ["--trainer.max_steps=3", "--data.iters_per_epoch=3", "--trainer.limit_val_batches=2",
-             "--trainer.accelerator=cpu", *QUIET]
+    short = ["--trainer.max_steps=-1", "--trainer.max_epochs=1", "--data.iters_per_epoch=3",  # one epoch of 3 batches
+             "--trainer.limit_val_batches=2", "--trainer.accelerator=cpu", *QUIET]
     source_free = yaml.safe_load((CONFIGS / config).read_text())["data"].get("source", 0) is None
     extra = []
     if source_free:  # SHOT phase 2: first its phase-1 source model (the sibling shot_source.yaml), as the README says

@@ -38,7 +38,7 @@ METHODS = {
     "source_only": "source only", "dann": "DANN", "mmd": "DAN (MMD)", "cdan": "CDAN", "cdan_e": "CDAN+E",
     "jan": "JAN", "mcc": "MCC", "mdd": "MDD", "afn": "AFN", "coral": "CORAL", "bsp_dann": "BSP+DANN",
     "dann_mcc": "DANN+MCC", "mdd_mcc": "MDD+MCC", "fixmatch": "FixMatch", "mean_teacher": "Mean Teacher",
-    "shot_source": "SHOT source model", "shot_im": "SHOT-IM", "shot": "SHOT",
+    "shot_source": "SHOT source model", "shot_im": "SHOT-IM", "shot": "SHOT", "mcd": "MCD",
 }
 #: Source-free methods: phase 2 of the same seed starts from this phase-1 method's ``last.ckpt`` (run first).
 SOURCE_MODEL = {"shot": "shot_source", "shot_im": "shot_source"}
@@ -56,6 +56,7 @@ REFERENCE = {
     ("mnist2usps", "afn"): "88.6", ("usps2mnist", "afn"): "97.2",
     ("mnist2usps", "bsp_dann"): "95.7", ("usps2mnist", "bsp_dann"): "97.8",
     ("mnist2usps", "shot"): "98.0", ("usps2mnist", "shot"): "98.4",
+    ("mnist2usps", "mcd"): "94.1", ("usps2mnist", "mcd"): "97.6",
 }
 #: Cells with a config but no published number, run only with ``--all-cells``.
 EXTRA_CELLS = {("mnist2mnistm", "mmd")}

@@ -101,10 +101,11 @@ def test_delta_cell(values, ref, expected):
 def test_digits_methods_references_and_configs():
     assert list(run_digits.METHODS) == ["source_only", "dann", "mmd", "cdan", "cdan_e", "jan", "mcc", "mdd", "afn",
                                         "coral", "bsp_dann", "dann_mcc", "mdd_mcc", "fixmatch", "mean_teacher",
-                                        "shot_source", "shot_im", "shot"]
+                                        "shot_source", "shot_im", "shot", "mcd"]
     # SHOT: Liang et al. 2020's digits numbers; FixMatch, Mean Teacher and SHOT-IM: none checked (vs source only)
     assert [(t, m) for (t, m) in run_digits.REFERENCE if m in ("fixmatch", "mean_teacher", "shot_source", "shot_im",
-                                                               "shot")] == [("mnist2usps", "shot"), ("usps2mnist", "shot")]
+                                                               "shot", "mcd")] == [
+        ("mnist2usps", "shot"), ("usps2mnist", "shot"), ("mnist2usps", "mcd"), ("usps2mnist", "mcd")]
     refs = {m: (run_digits.REFERENCE.get(("mnist2usps", m)), run_digits.REFERENCE.get(("usps2mnist", m)))
             for m in ("jan", "cdan", "mdd", "mcc", "afn", "bsp_dann", "cdan_e", "coral", "dann_mcc", "mdd_mcc")}
     assert refs == {"jan": ("84.0", "86.8"), "cdan": ("96.0", "97.7"), "mdd": ("94.8", "97.8"), "mcc": ("95.1", "94.6"),
