@@ -348,3 +348,22 @@ def test_benchmark_configs_parse(config, capsys):
     assert exit_info.value.code in (0, None)
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["backbone"] == "lenet" and cfg["data"]["source_samples_per_class"] == 10
+
+
+def test_beyond_one_loss_table_compares_with_source_only_and_with_the_model_each_method_adapts(tmp_path):
+    from benchmarks.digits import run_beyond_one_loss as beyond
+
+    results = [_result("mnist2usps", m, s, last=v) for m, vals in {
+        "source_only": (0.80, 0.78), "shot_source": (0.76, 0.74), "shot": (0.95, 0.93), "fixmatch": (0.90, 0.70),
+    }.items() for s, v in enumerate(vals)] + [_result("mnist2usps", "mcd", 0, status="failed")]
+    tta = {("mnist2usps", "adabn", 0): {"source_acc": 0.76, "after_acc": 0.80},
+           ("mnist2usps", "adabn", 1): {},  # no SHOT source model yet: not run
+           ("mnist2usps", "tent", 0): {"source_acc": 0.76, "online_acc": 0.79, "after_acc": 0.81},
+           ("mnist2usps", "tent", 1): None}  # failed
+    text = beyond.render(results, tta, ["mnist2usps"], [0, 1], "cmd", tmp_path)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
+    assert rows["SHOT"][1:5] == ["94.0 ± 1.4 (n=2)", "+15.0", "+19.0", "98.0 |"]  # vs 79.0 and vs 75.0
+    assert rows["FixMatch"][1:4] == ["80.0 ± 14.1 (n=2)", "+1.0", ""]
+    assert rows["AdaBN (SHOT source model)"][1:4] == ["80.0 (n=1)", "+1.0", "+5.0"]
+    assert rows["TENT (SHOT source model), online"][1] == "79.0 (n=1; 1 failed)"
+    assert rows["SHOT-IM"][1] == "not run"
