@@ -1,7 +1,8 @@
 """Regenerate ``benchmarks/results/digits.md``: digits domain adaptation from scratch vs the published numbers.
 
 Grid: tasks {mnist2usps, usps2mnist, mnist2mnistm} x methods (source only, DANN, DAN, CDAN, CDAN+E, JAN, MCC,
-MDD, AFN, CORAL, BSP+DANN, DANN+MCC, MDD+MCC) x seeds (default 0 1 2). A cell runs when its config
+MDD, AFN, CORAL, BSP+DANN, DANN+MCC, MDD+MCC, FixMatch, Mean Teacher, the SHOT source model, SHOT-IM, SHOT, MCD)
+x seeds (default 0 1 2); SHOT's source model runs before the SHOT runs that start from it. A cell runs when its config
 ``configs/digits/<task>/<method>.yaml`` exists (the methods after DAN have configs for MNIST <-> USPS only),
 except DAN on MNIST -> MNIST-M, which has a config but no published number (``--all-cells`` runs it too).
 Each run is ``tlframe fit -c configs/digits/<task>/<method>.yaml --seed_everything=<seed>`` in a
