@@ -181,7 +181,9 @@ def part_amp(cfg: dict, out: Path, record: dict) -> None:
             self.scales: list[float] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if loss is None:  # a manual-optimization strategy (MCD) returns nothing: its last step's loss
+                loss = pl_module._step_losses["train/loss"]
             self.losses.append(float(loss.detach().float()))
             scaler = scaler_of(trainer)
             if scaler is not None:
@@ -201,7 +203,7 @@ def part_amp(cfg: dict, out: Path, record: dict) -> None:
             rec = Recorder()
             with tempfile.TemporaryDirectory() as tmp:
                 trainer = pl.Trainer(accelerator="gpu" if cfg["device"] == "cuda" else "cpu", devices=1,
-                                     max_steps=setup.steps, precision=precision, logger=False, callbacks=[rec],
+                                     max_epochs=1, precision=precision, logger=False, callbacks=[rec],  # steps batches
                                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                      num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp)
                 trainer.fit(model, train_dataloaders=tp.Batches(setup, tp._in_chans(setup.backbone), setup.steps,
