@@ -9,11 +9,16 @@ the LightningModule's ``state_dict``, move to the device and are wrapped by DDP)
    DDP must neither broadcast nor synchronise, e.g. L2-SP's starting weights);
 2. ``on_setup(stage, datamodule)`` in the module's ``setup`` (e.g. the source class counts of
    class-weighted cross-entropy);
-3. ``param_groups(backbone, head)`` once in ``configure_optimizers``;
+3. ``optimizer_groups(backbone, head)`` (by default one optimizer over ``param_groups(backbone, head)``) once
+   in ``configure_optimizers``: one optimizer and LR scheduler per entry;
 4. ``on_train_start(progress, trainer)`` when training starts (after a resume's restore);
-5. per step: ``on_train_batch_start(backbone, progress)`` (BN/eval modes of frozen parts),
-   the forward pass, ``compute(step) -> StrategyOutput``, and
-   ``on_before_optimizer_step(backbone, progress)`` (drop gradients of parts frozen now).
+5. ``on_train_epoch_start(module)`` at every epoch start (e.g. SHOT's pseudo-labels of the whole target split);
+6. per step: ``on_train_batch_start(backbone, progress)`` (BN/eval modes of frozen parts),
+   the forward pass (:meth:`TransferModule.transfer_step`: source, target and, for ``target_views = 2``, the
+   strong target view; nothing of the source for ``uses_source = False``), ``compute(step) -> StrategyOutput``,
+   and ``on_before_optimizer_step(backbone, progress)`` (drop gradients of parts frozen now). A strategy with
+   ``manual_optimization`` (MCD) replaces the forward, ``compute`` and the step by its own
+   ``manual_step(module, batch)``: several forwards, backwards and optimizer steps per batch.
 
 ``progress`` is a :class:`Progress` read from the trainer (``global_step``, ``current_epoch``),
 never a counter of the strategy's own.
