@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.digits import run_digits  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
     REPO, RunResult, cell_values, display_path, failures_section, format_cell, machine_lines, markdown_table,
-    mean_std, regen_command, resolve_io, run_cells, today, write_results,
+    mean_std, regen_command, resolve_io, today, write_results,
 )
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST"}
@@ -160,15 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     out, data_root, results_path, extra = resolve_io(args, run_digits.DEFAULT_OUT, DEFAULT_RESULTS)
     cells = run_digits.build_cells(args.tasks, FIT_METHODS, args.seeds, out, data_root, extra)
-    first = [c for c in cells if c.col in run_digits.SOURCE_MODEL.values()]
-    rest = [c for c in cells if c.col not in run_digits.SOURCE_MODEL.values()]
     print(f"run_beyond_one_loss: {len(cells)} fit runs and {len(args.tasks) * len(args.seeds) * len(TTA_METHODS)} "
           f"adapt runs into {out}", flush=True)
     if args.collect_only:
         results = [RunResult(c, "skipped", json.loads(c.done_file.read_text())) for c in cells if c.done_file.is_file()]
     else:
-        results = [*run_cells(first, log=lambda s: print(s, flush=True), workers=args.workers),
-                   *run_cells(rest, log=lambda s: print(s, flush=True), workers=args.workers)]
+        results = run_digits.run_source_models_first(cells, args.workers)
     tta = {(t, m, s): run_tta(out, data_root, t, m, s) for t in args.tasks for m in TTA_METHODS for s in args.seeds}
     text = render(results, tta, args.tasks, args.seeds, regen_command(Path(__file__), argv), out)
     return write_results(results_path, text, results, "run_beyond_one_loss")

@@ -125,6 +125,14 @@ def source_model_args(out: Path, task: str, method: str, seed: int) -> list[str]
     return [f"--model.weights={run / 'checkpoints' / 'last.ckpt'}"]
 
 
+def run_source_models_first(cells: Sequence[Cell], workers: int) -> list[RunResult]:
+    """:func:`run_cells`, the phase-1 source models (SHOT) first, then the runs that start from them."""
+    first = [c for c in cells if c.col in SOURCE_MODEL.values()]
+    rest = [c for c in cells if c.col not in SOURCE_MODEL.values()]
+    return [*run_cells(first, log=lambda s: print(s, flush=True), workers=workers),
+            *run_cells(rest, log=lambda s: print(s, flush=True), workers=workers)]
+
+
 def _ref_float(ref: str) -> float | None:
     try:
         return float(ref)
@@ -314,11 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cells:
             raise SystemExit("error: none of the selected cells has a published number: add --all-cells to run them")
     print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
-    # phase-1 source models (SHOT) before the runs that start from them
-    first = [c for c in cells if c.col in SOURCE_MODEL.values()]
-    rest = [c for c in cells if c.col not in SOURCE_MODEL.values()]
-    results = [*run_cells(first, log=lambda s: print(s, flush=True), workers=args.workers),
-               *run_cells(rest, log=lambda s: print(s, flush=True), workers=args.workers)]
+    results = run_source_models_first(cells, args.workers)
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
     return write_results(results_path, text, results, "run_digits")
