@@ -216,3 +216,50 @@ def test_cached_frozen_features_from_yaml_and_augmentation_error(tmp_path, capsy
         main(["fit", *small_quickstart(tmp_path, *cached, "--data.train_augmentation=crop_flip")])
     assert exit_info.value.code == 2
     assert "train_augmentation='crop_flip' cannot be used with cached features" in capsys.readouterr().err
+
+
+def small_domains(tmp_path, *extra: str) -> list[str]:
+    """quickstart_domains.yaml with small domains (a second config file: a list is replaced as a whole)."""
+    domains = [{"class_path": "tlframe.data.SyntheticDomain",
+                "init_args": {"style": style, "num_train": 96, "num_test": 40, "seed": seed}}
+               for style, seed in (("source", 0), ("source", 2), ("target", 1))]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    small = tmp_path / "small_domains.yaml"
+    small.write_text(yaml.safe_dump({"data": {"domains": domains}}))
+    return ["-c", str(CONFIGS / "quickstart_domains.yaml"), "-c", str(small),
+            f"--trainer.logger.init_args.save_dir={tmp_path}/runs", "--data.batch_size=8", "--data.iters_per_epoch=3",
+            "--trainer.max_epochs=2", *QUIET, *extra]
+
+
+def test_leave_one_domain_out_logs_each_training_domain_and_their_mean(tmp_path, capsys):
+    from tlframe.runs import read_scalars
+
+    main(["fit", *small_domains(tmp_path)])
+    run = tmp_path / "runs" / "quickstart_domains" / "version_0"
+    scalars = read_scalars(run)
+    per_domain = [scalars[f"val/source_synthetic_source_{i}_acc"] for i in range(2)]
+    assert len(scalars["val/source_acc"]) == 2 == len(per_domain[0])  # one per epoch
+    for k, (step, mean) in enumerate(scalars["val/source_acc"]):  # DomainBed's training-domain validation accuracy
+        assert mean == pytest.approx((per_domain[0][k][1] + per_domain[1][k][1]) / 2, abs=1e-6)
+    assert "val/target_acc" in scalars and not any(t.startswith("val/source_synthetic_target") for t in scalars)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["data"]["test_domain"] == 2 and len(config["data"]["domains"]) == 3
+    # the saved config runs again as it is (the data module is chosen from its keys), e.g. to test the checkpoint
+    capsys.readouterr()
+    main(["test", "-c", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *QUIET])
+    assert "test/target_acc" in capsys.readouterr().out
+
+
+def test_multi_source_dann_with_a_discriminator_per_domain(tmp_path):
+    from tlframe.runs import read_scalars
+
+    main(["fit", *small_domains(tmp_path, "--data.adapt_to_test_domain=true", "--model.strategy=tlframe.strategies.DANN",
+                                "--model.strategy.num_domains=3", "--model.strategy.hidden=32",
+                                "--trainer.log_every_n_steps=1")])
+    run = tmp_path / "runs" / "quickstart_domains" / "version_0"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"]["strategy.discriminator.6.weight"].shape == (3, 32)  # one logit per domain
+    assert "train/loss_adv" in read_scalars(run)
+    with pytest.raises(SystemExit):
+        main(["fit", *small_domains(tmp_path / "bad", "--data.adapt_to_test_domain=true",
+                                    "--model.strategy=tlframe.strategies.DANN", "--model.strategy.num_domains=2")])

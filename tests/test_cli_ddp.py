@@ -161,3 +161,21 @@ def test_sweep_with_one_worker_whose_runs_use_two_processes(tmp_path):
         assert "val/target_acc" in json.loads(d.read_text())["scalars"]
         log = (d.parent / "output.log").read_text()
         assert "Starting with 2 processes" in log and log.count("tlframe: val results") == 1
+
+
+def test_multi_source_fit_with_two_processes(tmp_path):
+    """Several domains under DDP: each domain's sampler is sharded on its own (every rank gets every domain)."""
+    domains = [{"class_path": "tlframe.data.SyntheticDomain",
+                "init_args": {"style": style, "num_train": 64, "num_test": 37, "seed": seed}}
+               for style, seed in (("source", 0), ("source", 2), ("target", 1))]
+    (tmp_path / "domains.yaml").write_text(yaml.safe_dump({"data": {"domains": domains}}))
+    out = tlframe("fit", "-c", str(ROOT / "configs" / "quickstart_domains.yaml"), "-c", str(tmp_path / "domains.yaml"),
+                  "--data.adapt_to_test_domain=true", "--model.strategy=tlframe.strategies.DANN",
+                  "--model.strategy.num_domains=3", "--data.batch_size=8", "--data.iters_per_epoch=4",
+                  "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+                  "--trainer.enable_model_summary=false", *DDP, f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
+                  cwd=tmp_path)
+    run = check_one_fit_run(tmp_path, out, name="quickstart_domains")
+    assert "val/source_synthetic_source_0_acc" in out and "val/source_acc" in out
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["state_dict"]["strategy.discriminator.6.weight"].shape[0] == 3

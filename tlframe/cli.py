@@ -264,6 +264,42 @@ class _ParseOnly(TLFrameCLI):
         pass
 
 
+#: ``data`` keys that only the several-domain data module has: a config that uses one runs MultiDomainDataModule
+MULTI_DOMAIN_KEYS = ("sources", "targets", "domains", "test_domain", "validation_domain", "adapt_to_test_domain",
+                     "val_split", "split_batch")
+
+
+def data_module_class(args: Optional[list[str]]) -> type:
+    """:class:`~tlframe.data.MultiDomainDataModule` when the run's ``data`` section (its config files, a ``--data``
+    file, ``--data.*`` arguments) uses one of :data:`MULTI_DOMAIN_KEYS`, else the two-domain
+    :class:`~tlframe.data.TransferDataModule`: single-pair configs stay as they are."""
+    import yaml
+
+    from tlframe.data import MultiDomainDataModule
+
+    argv = list(sys.argv[1:] if args is None else args)
+    sections: list[Any] = []
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key in ("-c", "--config", "--data") and not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key in ("-c", "--config", "--data") and value:
+            try:
+                with open(value) as f:
+                    loaded = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue  # not a file (or not YAML): the parser reports it
+            sections.append(loaded if key == "--data" else (loaded or {}).get("data") if isinstance(loaded, dict) else None)
+        elif key.startswith("--data.") and key[len("--data."):].split(".")[0] in MULTI_DOMAIN_KEYS:
+            return MultiDomainDataModule
+    for section in sections:
+        if isinstance(section, dict):
+            section = section.get("init_args", section)
+            if any(k in section for k in MULTI_DOMAIN_KEYS):
+                return MultiDomainDataModule
+    return TransferDataModule
+
+
 def unknown_name_error(args: list[str]) -> Optional[str]:
     """The one-line error of ``tlframe <args>`` when they name a key, option or class that does not exist, else
     None. Values are not judged here (a bad value fails its own run). ``tlframe sweep`` calls it for every grid
@@ -271,7 +307,7 @@ def unknown_name_error(args: list[str]) -> Optional[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _ParseOnly(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
+            _ParseOnly(TransferModule, data_module_class(args), seed_everything_default=0, args=args,
                        auto_configure_optimizers=False)
     except UnknownNameError as err:
         return str(err)
@@ -300,7 +336,7 @@ def resolved_config(args: list[str]) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cli = _ParseOnly(TransferModule, TransferDataModule, seed_everything_default=0, args=args,
+        cli = _ParseOnly(TransferModule, data_module_class(args), seed_everything_default=0, args=args,
                          auto_configure_optimizers=False)
     command = cli.subcommand
     config = cli.config[command] if command else cli.config
@@ -330,7 +366,7 @@ def main(args: Optional[list[str]] = None) -> None:
             # Resuming mid-epoch is exact with tlframe's loaders (they skip the batches already trained);
             # an evaluated checkpoint's dirpath differs from the evaluation's on purpose.
             quiet_lightning()
-            TLFrameCLI(TransferModule, TransferDataModule, seed_everything_default=0,
+            TLFrameCLI(TransferModule, data_module_class(args), seed_everything_default=0,
                        save_config_kwargs={"overwrite": True}, args=args, auto_configure_optimizers=False)
     except BAD_INPUT_ERRORS as err:
         remove_unused_run_dirs()

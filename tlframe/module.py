@@ -13,7 +13,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from tlframe.atomic import AtomicCheckpointIO
@@ -40,11 +40,52 @@ class CheckpointMismatchError(ValueError):
 _DOMAINS = ("source", "target")
 
 
+def _merge_domains(batch: dict) -> tuple[dict, dict[str, Any]]:
+    """``{"sources": [(x, y), ...], "targets": [...]}`` as ``{"source": (x, y), "target": (x, y)}`` (each role's
+    domains concatenated in order) and the :class:`TransferStep` domain fields (``d_s``, ``d_t``, the counts)."""
+    merged, fields = {}, {}
+    for role, key in (("source", "sources"), ("target", "targets")):
+        parts = batch.get(key) or []
+        if not parts:
+            continue
+        xs, ys = [p[0] for p in parts], [p[1] for p in parts]
+        merged[role] = (torch.cat(xs), torch.cat(ys))
+        fields[f"d_{role[0]}"] = torch.cat([torch.full((len(y),), i, dtype=torch.long, device=y.device)
+                                            for i, y in enumerate(ys)])
+        fields[f"num_{role}_domains"] = len(parts)
+    return merged, fields
+
+
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "mean_class_acc": MulticlassAccuracy(num_classes, average="macro"),
     })
+
+
+class MeanDomainAccuracy(Metric):
+    """The mean over domains of each domain's accuracy (DomainBed's training-domain validation accuracy):
+    ``1/D sum_d correct_d / total_d`` over the domains with rows; summed over DDP processes."""
+
+    full_state_update = False
+
+    def __init__(self, num_domains: int) -> None:
+        super().__init__()
+        self.add_state("correct", default=torch.zeros(num_domains, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros(num_domains, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, domain: int) -> None:
+        self.correct[domain] += (logits.argmax(dim=1) == labels).sum()
+        self.total[domain] += labels.numel()
+
+    def compute(self) -> torch.Tensor:
+        seen = self.total > 0
+        return (self.correct[seen].double() / self.total[seen]).mean().float()
+
+
+def _is_source(domain: str) -> bool:
+    """Whether an evaluation loader holds source (training-domain) rows: ``source`` or ``source_<name>``."""
+    return domain == "source" or domain.startswith("source_")
 
 
 class TransferModule(pl.LightningModule):
@@ -184,9 +225,22 @@ class TransferModule(pl.LightningModule):
             dm.set_target_views(self.strategy.target_views if self.strategy.uses_target else 1)
             dm.set_training_domains(source=self.strategy.uses_source, target_indices=self.strategy.target_indices)
         self.strategy.on_setup(stage, dm)  # e.g. class weights from the source class counts
+        self._add_domain_metrics(dm)
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # a user's own CheckpointIO is kept
             strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def _add_domain_metrics(self, dm: Any) -> None:
+        """Accuracy metrics for the data module's other evaluation loaders (several domains: ``source_<name>``,
+        ``target_out``, ...) and, with several training domains, the mean of their accuracies (``val/source_acc``)."""
+        for stage in ("val", "test"):
+            for domain in getattr(dm, f"{stage}_domains", None) or []:
+                if f"{stage}_{domain}" not in self.metrics:
+                    self.metrics[f"{stage}_{domain}"] = _accuracy_metrics(self.num_classes).to(self.device)
+        per_domain = getattr(dm, "source_val_domains", None) or []
+        self._source_val_domains = list(per_domain)
+        if per_domain and "mean_domain_acc" not in self.metrics:
+            self.metrics["mean_domain_acc"] = MeanDomainAccuracy(len(per_domain)).to(self.device)
 
     # -- forward -----------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,17 +275,22 @@ class TransferModule(pl.LightningModule):
 
     def transfer_step(self, batch: dict) -> TransferStep:
         """The forward pass of a training batch ``{"source": (x_s, y_s), "target": (x_t, y_t)}`` (``x_t`` a
-        ``(weak, strong)`` pair for a strategy with two target views) as the strategy sees it."""
+        ``(weak, strong)`` pair for a strategy with two target views) as the strategy sees it. A batch of several
+        domains (``{"sources": [...], "targets": [...]}``, :class:`~tlframe.data.MultiDomainDataModule`) is
+        concatenated per role, with each row's domain index in ``d_s`` / ``d_t``."""
+        domains: dict[str, Any] = {}
+        if "sources" in batch:
+            batch, domains = _merge_domains(batch)
         x_s, y_s = batch["source"] if self.strategy.uses_source else (None, None)
-        if not self.strategy.uses_target:
+        if not self.strategy.uses_target or "target" not in batch:
             ((z_s, f_s, g_s),) = self._forward_domains(x_s)
-            return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress)
+            return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress, **domains)
         x_t, y_t, *idx_t = batch["target"]
         weak, strong = x_t if isinstance(x_t, (tuple, list)) else (x_t, None)
         (z_s, f_s, g_s), (z_t, f_t, g_t), (z_ts, f_ts, g_ts) = self._forward_domains(x_s, weak, strong)
         return TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=y_s, progress=self.progress, z_t=z_t, f_t=f_t,
                             logits_t=g_t, x_t=weak, y_t=y_t, idx_t=idx_t[0] if idx_t else None,
-                            z_t_strong=z_ts, f_t_strong=f_ts, logits_t_strong=g_ts)
+                            z_t_strong=z_ts, f_t_strong=f_ts, logits_t_strong=g_ts, **domains)
 
     @property
     def progress(self) -> Progress:
@@ -275,6 +334,9 @@ class TransferModule(pl.LightningModule):
         # Dropout & co. draw from a generator seeded by (run seed, rank, global_step): resume-exact.
         micro_batch = batch_idx % self.trainer.accumulate_grad_batches  # distinct draws for accumulated batches
         seed_generators(step_seed(run_seed(), self.global_rank, self.global_step, micro_batch), self.device)
+        if micro_batch == 0 and self.strategy.reset_optimizers_now(self.progress):
+            for optimizer in self.trainer.optimizers:  # e.g. IRM / V-REx: a fresh Adam when the penalty anneals in
+                optimizer.state.clear()
         self.strategy.on_train_batch_start(self.backbone, self.progress)
 
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
@@ -390,9 +452,10 @@ class TransferModule(pl.LightningModule):
             validators["dev"].update("target", features)
             for name in ("entropy", "snd", "im"):
                 self.log(f"{stage}/target_{name}", validators[name], add_dataloader_idx=False, batch_size=y.shape[0])
-        elif domain == "source" and losses is not None:
+        elif _is_source(domain) and losses is not None:
             validators["dev"].update("source", features[labelled], losses.float())
-        if {"source", "target"} <= set(domains) and domain == max(("source", "target"), key=domains.index):
+        sources = [d for d in domains if _is_source(d)]
+        if sources and "target" in domains and domain == max((sources[-1], "target"), key=domains.index):
             # Lightning computes a logged metric at the end of the loader it is logged in: the later of the two
             self.log(f"{stage}/target_dev", validators["dev"], add_dataloader_idx=False, batch_size=y.shape[0])
         if losses is None:
@@ -402,6 +465,12 @@ class TransferModule(pl.LightningModule):
         metrics.update(logits, y)
         self.log_dict({f"{stage}/{domain}_{k}": m for k, m in metrics.items()}, add_dataloader_idx=False,
                       batch_size=y.shape[0])
+        per_domain = getattr(self, "_source_val_domains", [])
+        if stage == "val" and domain in per_domain:  # several training domains: the mean of their accuracies
+            mean_acc = self.metrics["mean_domain_acc"]
+            mean_acc.update(logits, y, per_domain.index(domain))
+            if domain == per_domain[-1]:
+                self.log("val/source_acc", mean_acc, add_dataloader_idx=False, batch_size=y.shape[0])
         self.log(f"{stage}/{domain}_loss", losses.mean(), add_dataloader_idx=False, batch_size=y.shape[0],
                  sync_dist=True)
         return out

@@ -13,6 +13,10 @@ for stage freezing, ``pretrained_cfg`` for the input transform.
   (3x32x32 input, 4096 features).
 - ``dann_cnn``: the small CNN of Ganin & Lempitsky (ICML 2015) for MNIST->MNIST-M
   (3x28x28 input, 768 features).
+- ``domainbed_mnist_cnn``: DomainBed's ``MNIST_CNN`` (``domainbed/networks.py``) for RotatedMNIST and
+  ColoredMNIST: four 3x3 convolutions (64, 128 stride 2, 128, 128 channels), each followed by ReLU and
+  GroupNorm(8 groups), then global average pooling: 128 features. Inputs in [0, 1] (mean 0, std 1), as
+  DomainBed feeds them.
 
 No pretrained weights exist for them on any hub; pass ``weights=`` (a tlframe checkpoint
 or a state dict) to start from an earlier run.
@@ -100,7 +104,16 @@ def _dann_cnn_stages(in_chans: int) -> tuple[list[nn.Module], int]:
     return stages, 48 * 4 * 4
 
 
-_STAGE_BUILDERS = {"lenet": _lenet_stages, "lenet_tllib": _lenet_tllib_stages, "dtn": _dtn_stages, "dann_cnn": _dann_cnn_stages}
+def _domainbed_mnist_cnn_stages(in_chans: int) -> tuple[list[nn.Module], int]:
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(), nn.GroupNorm(8, cout))
+
+    stages = [block(in_chans, 64, 1), block(64, 128, 2), block(128, 128, 1),
+              nn.Sequential(*block(128, 128, 1), nn.AdaptiveAvgPool2d(1))]
+    return stages, 128
+
+
+_STAGE_BUILDERS = {"domainbed_mnist_cnn": _domainbed_mnist_cnn_stages, "lenet": _lenet_stages, "lenet_tllib": _lenet_tllib_stages, "dtn": _dtn_stages, "dann_cnn": _dann_cnn_stages}
 
 
 def _cfg(in_chans: int, size: int, mean: float = 0.5, std: float = 0.5) -> dict:
@@ -116,6 +129,7 @@ default_cfgs = generate_default_cfgs({
     "lenet_tllib": _cfg(1, 28),
     "dtn": _cfg(3, 32),
     "dann_cnn": _cfg(3, 28),
+    "domainbed_mnist_cnn": _cfg(1, 28, mean=0.0, std=1.0),
 })
 
 
@@ -151,3 +165,9 @@ def dtn(pretrained: bool = False, **kwargs: Any) -> DigitNet:
 def dann_cnn(pretrained: bool = False, **kwargs: Any) -> DigitNet:
     """Ganin & Lempitsky (2015) MNIST->MNIST-M feature extractor, 3x28x28 input, 768 features."""
     return _create("dann_cnn", pretrained, **kwargs)
+
+
+@register_model
+def domainbed_mnist_cnn(pretrained: bool = False, **kwargs: Any) -> DigitNet:
+    """DomainBed's MNIST_CNN (RotatedMNIST / ColoredMNIST), 1x28x28 input in [0, 1], 128 features."""
+    return _create("domainbed_mnist_cnn", pretrained, **kwargs)

@@ -8,6 +8,7 @@ the backbone's transforms and serves Lightning dataloaders.
 from tlframe.data.datamodule import TransferDataModule
 from tlframe.data.digits import MNISTDomain, MNISTMDomain, SVHNDomain, USPSDomain
 from tlframe.data.domainbed import RotatedMNISTDomain
+from tlframe.data.multidomain import MultiDomainDataModule
 from tlframe.data.domains import Domain, ImageFilesDomain, ImageFolderDomain, ImageListDomain, RelabelledDomain
 from tlframe.data.errors import DataError
 from tlframe.data.paths import resolve_data_root
@@ -21,6 +22,7 @@ __all__ = [
     "ImageListDomain",
     "MNISTDomain",
     "MNISTMDomain",
+    "MultiDomainDataModule",
     "RelabelledDomain",
     "RotatedMNISTDomain",
     "SVHNDomain",

@@ -10,15 +10,17 @@ from __future__ import annotations
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from tlframe.checks import check_number
+from tlframe.checks import ConfigError, check_number
 from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient
 from tlframe.optim import ParamGroup
 from tlframe.strategies.base import StrategyOutput, TransferStep
-from tlframe.strategies.terms import Adaptation
+from tlframe.strategies.terms import Adaptation, check_source_pairs, mean_over_sources
 
-__all__ = ["DomainDiscriminator", "DANN", "MMD", "check_grl_schedule", "grl_coefficient"]
+__all__ = ["DomainDiscriminator", "DANN", "MMD", "check_grl_schedule", "grl_coefficient",
+           "multi_domain_adversarial_loss"]
 
 
 def check_grl_schedule(grl_max_steps: Any, grl_alpha: float, grl_lo: float, grl_hi: float) -> None:
@@ -45,13 +47,14 @@ def grl_coefficient(step: int, total_steps: Optional[int], max_steps: Union[int,
 
 
 class DomainDiscriminator(nn.Sequential):
-    """``Linear-BN-ReLU-Linear-BN-ReLU-Linear``: features ``(N, in_features)`` -> domain logits ``(N, 1)``."""
+    """``Linear-BN-ReLU-Linear-BN-ReLU-Linear``: features ``(N, in_features)`` -> domain logits ``(N, out_features)``
+    (1: source vs target; k: one per domain)."""
 
-    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True):
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, out_features: int = 1):
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Linear(i, o), nn.BatchNorm1d(o) if batch_norm else nn.Identity(), nn.ReLU(inplace=True)]
 
-        super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, 1))
+        super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, out_features))
 
 
 class DANN(Adaptation):
@@ -76,6 +79,10 @@ class DANN(Adaptation):
             total optimizer steps, so ``step / max_steps`` is the paper's training progress ``p``
             in [0, 1]. Ganin & Lempitsky's ``lambda_p = 2 / (1 + exp(-10 p)) - 1`` is
             ``grl_max_steps: auto, grl_alpha: 10``.
+        num_domains: ``None`` (default): a source-vs-target discriminator (one logit, binary cross-entropy);
+            an integer ``k``: multi-source DA with :class:`~tlframe.data.MultiDomainDataModule`, a discriminator
+            with one output per domain (the ``S`` sources, then the ``T`` targets; ``k = S + T``) trained with the
+            cross-entropy of each row's domain index, ``adv = mean_i CE(D(grl(f_i)), d_i)`` over all rows.
         ``**kwargs``: ``terms`` (extra loss terms, see :mod:`tlframe.strategies.terms`) and the
             :class:`FineTune` arguments (backbone LR multiplier, freezing, ...).
     """
@@ -85,8 +92,11 @@ class DANN(Adaptation):
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
                  grl_max_steps: Union[int, Literal["auto"]] = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
-                 **kwargs: Any):
+                 num_domains: Optional[int] = None, **kwargs: Any):
         super().__init__(**kwargs)
+        if num_domains is not None:
+            check_number("num_domains", num_domains, low=2, integer=True)
+        self.num_domains = num_domains
         self.trade_off = trade_off
         self.hidden = hidden
         self.discriminator_lr_mult = discriminator_lr_mult
@@ -100,7 +110,20 @@ class DANN(Adaptation):
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
         super().attach(backbone, head, num_classes)
-        self.discriminator = DomainDiscriminator(self.discriminator_in_features(head, num_classes), self.hidden)
+        self.discriminator = DomainDiscriminator(self.discriminator_in_features(head, num_classes), self.hidden,
+                                                 out_features=self.num_domains or 1)
+
+    def on_setup(self, stage: str, datamodule: Any) -> None:
+        super().on_setup(stage, datamodule)
+        if stage != "fit" or datamodule is None:
+            return
+        found = getattr(datamodule, "num_source_domains", 1) + getattr(datamodule, "num_target_domains", 1)
+        if self.num_domains is not None and self.num_domains != found:
+            raise ConfigError(f"num_domains={self.num_domains}, but the data has {found} training domains (sources and "
+                              f"targets): set model.strategy.init_args.num_domains: {found}")
+        if self.num_domains is None and found > 2:
+            rank_zero_info(f"tlframe: {type(self).__name__} with {found} training domains and a source-vs-target "
+                           f"discriminator; num_domains: {found} gives one output per domain")
 
     def discriminator_in_features(self, head: nn.Module, num_classes: int) -> int:
         """Width of the discriminator's input: the bottleneck features (CDAN: their conditioning map)."""
@@ -125,10 +148,24 @@ class DANN(Adaptation):
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         coeff = self.coefficient(step.progress.step, step.progress.total_steps)
         d_s, d_t = self.discriminate(step.f_s, step.f_t, coeff)
-        adv, domain_acc = domain_adversarial_loss(d_s, d_t, self.source_sample_weight(step.y_s))
+        if self.num_domains is not None:
+            adv, domain_acc = multi_domain_adversarial_loss(d_s, d_t, step)
+        else:
+            adv, domain_acc = domain_adversarial_loss(d_s, d_t, self.source_sample_weight(step.y_s))
         return StrategyOutput(losses={"cls": self.classification_loss(step), "adv": adv},
                               weights={"adv": self.trade_off},
                               logs={"grl_coeff": coeff, "domain_acc": domain_acc})
+
+
+def multi_domain_adversarial_loss(d_s: torch.Tensor, d_t: torch.Tensor, step: TransferStep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of a ``k``-way domain discriminator's logits ``(N_s, k)``, ``(N_t, k)`` against each row's domain
+    (sources ``d_s``, targets ``S + d_t``), mean over all rows; and the discriminator's accuracy."""
+    zeros_s = torch.zeros(d_s.shape[0], dtype=torch.long, device=d_s.device)
+    zeros_t = torch.zeros(d_t.shape[0], dtype=torch.long, device=d_t.device)
+    labels = torch.cat([step.d_s if step.d_s is not None else zeros_s,
+                        step.num_source_domains + (step.d_t if step.d_t is not None else zeros_t)])
+    logits = torch.cat([d_s, d_t]).float()
+    return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean().detach()
 
 
 class MMD(Adaptation):
@@ -142,6 +179,8 @@ class MMD(Adaptation):
         alphas: bandwidth multipliers of the Gaussian kernels.
         linear: linear-time estimator instead of the quadratic U-statistic.
         offset: add TLlib's constant ``2/(n-1)`` (value only; gradients are the same).
+        source_pairs: ``"pooled"`` (default): every source row against the target; ``"each"``: the mean over the
+            source domains of each one's MMD to the target (multi-source DA, :func:`mean_over_sources`).
         ``**kwargs``: ``terms`` (extra loss terms) and the :class:`FineTune` arguments. Default
             ``bn_policy`` is ``"separate"``, as in the reference DAN.
     """
@@ -151,8 +190,10 @@ class MMD(Adaptation):
 
     def __init__(self, trade_off: float = 1.0, alphas: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0),
                  linear: bool = False, offset: bool = True, bn_policy: Literal["joint", "separate"] = "separate",
-                 **kwargs: Any):
+                 source_pairs: Literal["pooled", "each"] = "pooled", **kwargs: Any):
         super().__init__(bn_policy=bn_policy, **kwargs)
+        check_source_pairs(source_pairs)
+        self.source_pairs = source_pairs
         check_number("trade_off", trade_off, low=0)
         if not alphas:
             raise ValueError("alphas is empty: give at least one kernel bandwidth multiplier, e.g. [0.5, 1.0, 2.0]")
@@ -164,6 +205,10 @@ class MMD(Adaptation):
         self.offset = offset
 
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
-        value = mk_mmd(step.f_s, step.f_t, self.alphas, linear=self.linear, offset=self.offset)
+        def distance(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+            return mk_mmd(f_s, f_t, self.alphas, linear=self.linear, offset=self.offset)
+
+        value = (mean_over_sources(step, step.f_s, step.f_t, distance) if self.source_pairs == "each"
+                 else distance(step.f_s, step.f_t))
         return StrategyOutput(losses={"cls": self.classification_loss(step), "mmd": value},
                               weights={"mmd": self.trade_off}, logs={})

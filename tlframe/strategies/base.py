@@ -97,6 +97,17 @@ class TransferStep:
     z_t_strong: Optional[torch.Tensor] = None
     f_t_strong: Optional[torch.Tensor] = None
     logits_t_strong: Optional[torch.Tensor] = None
+    d_s: Optional[torch.Tensor] = None
+    d_t: Optional[torch.Tensor] = None
+    num_source_domains: int = 1
+    num_target_domains: int = 1
+
+    def source_domains(self) -> list[torch.Tensor]:
+        """Row indices ``(n_i,)`` of the source batch per training domain, in domain order (one entry per domain,
+        possibly empty under DDP sharding); a single-source step gives one entry with every row."""
+        if self.d_s is None:
+            return [torch.arange(self.y_s.shape[0], device=self.y_s.device)]
+        return [torch.nonzero(self.d_s == i, as_tuple=True)[0] for i in range(self.num_source_domains)]
 
 
 @dataclass
@@ -281,6 +292,12 @@ class Strategy(nn.Module):
 
     def on_train_batch_start(self, backbone: nn.Module, progress: Progress) -> None:
         """Put frozen parts in eval mode (Lightning sets the whole model to train each epoch)."""
+
+    def reset_optimizers_now(self, progress: Progress) -> bool:
+        """Whether the module clears every optimizer's state (e.g. Adam's moments) before the batch at ``progress``:
+        DomainBed's IRM and V-REx restart their optimizer when the penalty anneals in. Derived from
+        ``progress.step`` only (resume-exact). Default: never."""
+        return False
 
     def on_before_optimizer_step(self, backbone: nn.Module, progress: Progress) -> None:
         """Drop gradients of parameters that the schedule freezes at ``progress``."""

@@ -29,7 +29,7 @@ from tlframe.losses import (adaptive_feature_norm, cdan_entropy_weights, coral, 
 from tlframe.optim import ParamGroup
 from tlframe.strategies.adaptation import DANN, check_grl_schedule, grl_coefficient
 from tlframe.strategies.base import StrategyOutput, TransferStep
-from tlframe.strategies.terms import Adaptation, check_alphas, target_tensors
+from tlframe.strategies.terms import Adaptation, check_alphas, check_source_pairs, mean_over_sources, target_tensors
 
 __all__ = ["CDAN", "JAN", "MCC", "MDD", "AFN", "CORAL", "L2PreservedDropout", "CDAN_RANDOMIZED_ABOVE"]
 
@@ -82,6 +82,9 @@ class CDAN(DANN):
                  randomized: Union[bool, Literal["auto"]] = False, randomized_dim: int = 1024, randomized_seed: int = 0,
                  **kwargs: Any):
         super().__init__(trade_off=trade_off, **kwargs)
+        if self.num_domains is not None:
+            raise ConfigError("CDAN's discriminator is source vs target: num_domains is a DANN option (multi-source "
+                              "DA); remove it, or use tlframe.strategies.DANN")
         if randomized not in (True, False, "auto") or (randomized != "auto" and not isinstance(randomized, bool)):
             raise ConfigError(f"randomized={randomized!r} must be true (randomized multilinear map), false (full "
                               f"map) or 'auto' (randomized when features x classes > {CDAN_RANDOMIZED_ABOVE})")
@@ -412,13 +415,18 @@ class CORAL(Adaptation):
     Args:
         trade_off: weight of the CORAL loss.
         scale: ``"tllib"`` or ``"paper"``.
+        source_pairs: ``"pooled"`` (default) or ``"each"``: the mean over the source domains of each one's CORAL
+            distance to the target (multi-source DA).
         ``**kwargs``: ``terms`` and the :class:`~tlframe.strategies.FineTune` arguments.
     """
 
     own_losses = ("cls", "coral")
 
-    def __init__(self, trade_off: float = 1.0, scale: Literal["tllib", "paper"] = "tllib", **kwargs: Any):
+    def __init__(self, trade_off: float = 1.0, scale: Literal["tllib", "paper"] = "tllib",
+                 source_pairs: Literal["pooled", "each"] = "pooled", **kwargs: Any):
         super().__init__(**kwargs)
+        check_source_pairs(source_pairs)
+        self.source_pairs = source_pairs
         check_number("trade_off", trade_off, low=0)
         if scale not in ("tllib", "paper"):
             raise ConfigError(f"scale={scale!r} must be 'tllib' (mean + covariance terms, TLlib's code) or 'paper' "
@@ -428,5 +436,9 @@ class CORAL(Adaptation):
 
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         f_t, _ = target_tensors(step, "CORAL")
-        return StrategyOutput(losses={"cls": self.classification_loss(step), "coral": coral(step.f_s, f_t, self.scale)},
+        def distance(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+            return coral(f_s, f_t, self.scale)
+
+        value = mean_over_sources(step, step.f_s, f_t, distance) if self.source_pairs == "each" else distance(step.f_s, f_t)
+        return StrategyOutput(losses={"cls": self.classification_loss(step), "coral": value},
                               weights={"coral": self.trade_off})

@@ -72,6 +72,21 @@ def target_tensors(step: TransferStep, who: str) -> tuple[torch.Tensor, torch.Te
     return step.f_t, step.logits_t
 
 
+def mean_over_sources(step: TransferStep, f_s: torch.Tensor, f_t: torch.Tensor, distance) -> torch.Tensor:
+    """Multi-source DA: ``1/S sum_i distance(f_s[d_s == i], f_t)``, the mean over the training domains (with rows in
+    this batch) of each one's distance to the (pooled) target features; with one source, ``distance(f_s, f_t)``."""
+    parts = [rows for rows in step.source_domains() if rows.numel() > 1]
+    if len(parts) <= 1:
+        return distance(f_s, f_t)
+    return torch.stack([distance(f_s[rows], f_t) for rows in parts]).mean()
+
+
+def check_source_pairs(source_pairs: str) -> None:
+    if source_pairs not in ("pooled", "each"):
+        raise ConfigError(f"source_pairs={source_pairs!r} must be 'pooled' (all source rows against the target) or "
+                          "'each' (the mean over the source domains of each one against the target: multi-source DA)")
+
+
 class LossTerm(nn.Module):
     """One weighted loss added to a strategy's losses (see the module docstring).
 
