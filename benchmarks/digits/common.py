@@ -4,6 +4,11 @@
   ``tlframe sweep`` (:func:`tlframe.runs.execute_run`): a run directory that holds ``done.json``
   is skipped; a successful run writes ``done.json`` atomically; a failed run writes ``failed.json``
   (exit code, log tail), no ``done.json``, so it is retried next time, and is reported as failed.
+- the **run ledger** (:data:`LEDGER`, committed with the results): every finished cell's ``done.json`` record,
+  keyed by the cell's name and its identity (:func:`cell_identity`: the content of its config files and its
+  arguments). Run folders live under the git-ignored ``benchmarks/runs/`` and do not survive a fresh checkout;
+  a cell whose run folder is gone but whose ledger record matches its identity is *recorded* (its numbers are
+  tabled, it is not run again). Change a config and the identity changes: the cell runs again.
 - :func:`summarize_scalars`: the benchmark tables' numbers from a run's TensorBoard events
   (read by :func:`tlframe.runs.read_scalars`).
 - :func:`format_wall`, :func:`cell_values`, :func:`grid_table`: the benchmark tables, built on
@@ -15,6 +20,8 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import os
 import platform
 import shlex
@@ -34,6 +41,8 @@ from tlframe.runs import (  # noqa: F401 (re-exported)
 )
 
 REPO = Path(__file__).resolve().parents[2]
+#: The committed record of every finished benchmark run: ``<LEDGER>/<cell name>.json`` (see the module docstring).
+LEDGER = REPO / "benchmarks" / "results" / "ledger"
 #: Metric reported in the tables: accuracy on the target test split, logged at every validation.
 TARGET_METRIC = "val/target_acc"
 SOURCE_METRIC = "val/source_acc"
@@ -89,6 +98,7 @@ class Cell:
     args: list[str]            # tlframe arguments after "fit" (config, overrides); logger args are added
     env: dict[str, str] = field(default_factory=dict)
     needs: list[Path] = field(default_factory=list)  # files that must exist (e.g. a pretrained checkpoint)
+    ledger: Optional[Path] = None  # the run ledger this cell is recorded in (None: none, e.g. a scratch --out)
 
     @property
     def run_dir(self) -> Path:
@@ -119,13 +129,59 @@ class Cell:
 @dataclass
 class RunResult:
     cell: Cell
-    status: str                # "done" (ran now), "skipped" (done.json found) or "failed"
+    status: str                # "done" (ran now), "skipped" (done.json found), "recorded" (ledger) or "failed"
     record: Optional[dict[str, Any]] = None
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.status in ("done", "skipped")
+        return self.status in ("done", "skipped", "recorded")
+
+
+def cell_identity(cell: Cell) -> str:
+    """What makes a cell's result: the content of its ``-c`` config files and its other arguments (the output folder
+    written as ``<out>``, so moving it changes nothing), as a sha256."""
+    h = hashlib.sha256()
+    args = iter(cell.args)
+    for arg in args:
+        if arg in ("-c", "--config"):
+            path = Path(next(args))
+            h.update(b"config\0" + (path.read_bytes() if path.is_file() else str(path).encode()))
+        else:
+            h.update(b"arg\0" + arg.replace(str(cell.out), "<out>").encode())
+    return h.hexdigest()
+
+
+def ledger_file(cell: Cell, ledger: Path = LEDGER) -> Path:
+    return ledger / f"{cell.name}.json"
+
+
+def ledger_record(cell: Cell, ledger: Path = LEDGER) -> Optional[dict[str, Any]]:
+    """The cell's ledger record when its identity matches the cell's current one (else None)."""
+    try:
+        entry = json.loads(ledger_file(cell, ledger).read_text())
+    except (OSError, ValueError):
+        return None
+    return entry.get("record") if entry.get("identity") == cell_identity(cell) else None
+
+
+def collect_cell(cell: Cell) -> Optional[RunResult]:
+    """A finished cell without running anything: its ``done.json`` (kept in the ledger too) or its ledger record."""
+    if cell.done_file.is_file():
+        record = json.loads(cell.done_file.read_text())
+        if cell.ledger is not None and ledger_record(cell, cell.ledger) is None:
+            write_ledger(cell, record, cell.ledger)
+        return RunResult(cell, "skipped", record)
+    record = None if cell.ledger is None else ledger_record(cell, cell.ledger)
+    return None if record is None else RunResult(cell, "recorded", record)
+
+
+def write_ledger(cell: Cell, record: dict[str, Any], ledger: Path = LEDGER) -> None:
+    """Keep a finished cell's record (numbers, command, wall time; each tag's statistics of ``val/*`` only)."""
+    kept = {**record, "scalars": {k: v for k, v in (record.get("scalars") or {}).items() if k.startswith("val/")}}
+    path = ledger_file(cell, ledger)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"identity": cell_identity(cell), "record": kept}, indent=1, sort_keys=True) + "\n")
 
 
 def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:
@@ -153,7 +209,14 @@ def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, 
 
 
 def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
-    """Run one cell unless its ``done.json`` exists (:func:`tlframe.runs.execute_run`); see the module docstring."""
+    """Run one cell unless its ``done.json`` exists (:func:`tlframe.runs.execute_run`) or its ledger
+    (``cell.ledger``) holds its record; see the module docstring."""
+    ledger = cell.ledger
+    recorded = None if ledger is None or cell.done_file.is_file() else ledger_record(cell, ledger)
+    if recorded is not None:
+        log(f"  {cell.label}: recorded in the ledger ({display_path(ledger_file(cell, ledger))}), "
+            f"{TARGET_METRIC} last {recorded['last']:.4f}")
+        return RunResult(cell, "recorded", recorded)
     if not cell.done_file.is_file() and all(p.is_file() for p in cell.needs):
         log(f"  {cell.label}: running ...")
     spec = RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command())
@@ -166,6 +229,8 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
     else:
         tail = log_tail(cell.run_dir / "output.log") if outcome.error.startswith("exit code") else ""
         log(f"  {cell.label}: FAILED ({outcome.error})" + (f"\n{tail}" if tail else ""))
+    if outcome.ok and ledger is not None and outcome.record is not None and ledger_record(cell, ledger) is None:
+        write_ledger(cell, outcome.record, ledger)
     return RunResult(cell, outcome.status, outcome.record, outcome.error)
 
 

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits import run_digits  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, RunResult, cell_values, display_path, failures_section, format_cell, machine_lines, markdown_table,
-    mean_std, regen_command, resolve_io, today, write_results,
+    LEDGER, REPO, Cell, RunResult, atomic_write_text, cell_identity, cell_values, collect_cell, display_path,
+    failures_section, format_cell, machine_lines, markdown_table, mean_std, regen_command, resolve_io, today,
+    write_results,
 )
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST"}
@@ -59,15 +60,20 @@ def tta_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return out / "tta" / task / method / f"seed{seed}"
 
 
-def run_tta(out: Path, data_root: Path, task: str, method: str, seed: int) -> dict | None:
+def run_tta(out: Path, data_root: Path, task: str, method: str, seed: int, source_cell: Cell) -> dict | None:
     """``tlframe adapt --method <method>`` on the seed's SHOT source model; its ``adapt.json`` (None: failed; ``{}``:
     no SHOT source model yet, not run)."""
     folder = tta_dir(out, task, method, seed)
     result = folder / "adapt.json"
+    ledger = LEDGER / "tta" / task / method / f"seed{seed}.json" if source_cell.ledger is not None else None
     if result.is_file():
         print(f"  tta {task}/{method}/seed{seed}: skipped (adapt.json found)", flush=True)
-        return json.loads(result.read_text())
+        return _keep(json.loads(result.read_text()), ledger, source_cell)
     ckpt = out / "runs" / task / "shot_source" / f"seed{seed}" / "version_0" / "checkpoints" / "last.ckpt"
+    recorded = _recorded(ledger, source_cell)
+    if not ckpt.is_file() and recorded is not None:  # the run folders are gone; the ledger kept its numbers
+        print(f"  tta {task}/{method}/seed{seed}: recorded in the ledger", flush=True)
+        return recorded
     if not ckpt.is_file():
         print(f"  tta {task}/{method}/seed{seed}: not run, no SHOT source model at {ckpt}", flush=True)
         return {}
@@ -78,7 +84,24 @@ def run_tta(out: Path, data_root: Path, task: str, method: str, seed: int) -> di
     if proc.returncode != 0 or not result.is_file():
         print(proc.stderr[-2000:], flush=True)
         return None
-    return json.loads(result.read_text())
+    return _keep(json.loads(result.read_text()), ledger, source_cell)
+
+
+def _keep(record: dict, ledger: Path | None, source_cell: Cell) -> dict:
+    """Write an adapt run's result to the ledger (identity: its SHOT source model's cell); return it."""
+    if ledger is not None and _recorded(ledger, source_cell) is None:
+        ledger.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(ledger, json.dumps({"identity": cell_identity(source_cell), "record": record}, indent=1,
+                                             sort_keys=True) + "\n")
+    return record
+
+
+def _recorded(ledger: Path | None, source_cell: Cell) -> dict | None:
+    try:
+        entry = json.loads(ledger.read_text()) if ledger is not None else {}
+    except (OSError, ValueError):
+        return None
+    return entry.get("record") if entry.get("identity") == cell_identity(source_cell) else None
 
 
 def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds: Sequence[int], command: str,
@@ -166,11 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run_beyond_one_loss: {len(cells)} fit runs and {len(args.tasks) * len(args.seeds) * len(TTA_METHODS)} "
           f"adapt runs into {out}", flush=True)
     if args.collect_only:
-        results = [RunResult(c, "skipped", json.loads(c.done_file.read_text())) for c in cells if c.done_file.is_file()]
+        results = [r for c in cells if (r := collect_cell(c)) is not None]
     else:
         ordered = sorted(cells, key=lambda c: (RUN_ORDER.index(c.col), c.row, c.seed))
         results = run_digits.run_source_models_first(ordered, args.workers)
-    tta = {(t, m, s): run_tta(out, data_root, t, m, s) for t in args.tasks for m in TTA_METHODS for s in args.seeds}
+    source_cells = {(c.row, c.seed): c for c in cells if c.col == "shot_source"}
+    tta = {(t, m, s): run_tta(out, data_root, t, m, s, source_cells[(t, s)])
+           for t in args.tasks for m in TTA_METHODS for s in args.seeds}
     text = render(results, tta, args.tasks, args.seeds, regen_command(Path(__file__), argv), out)
     return write_results(results_path, text, results, "run_beyond_one_loss")
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, display_path, failures_section,
+    LEDGER, ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, display_path, failures_section,
     format_cell, format_wall, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells,
     today, write_results,
 )
@@ -113,6 +113,7 @@ def build_cells(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[in
                     args=["-c", str(config_path(task, method)), f"--seed_everything={seed}",
                           *source_model_args(out, task, method, seed), *extra],
                     env={"TLFRAME_DATA_ROOT": str(data_root)},
+                    ledger=LEDGER if out == DEFAULT_OUT else None,  # a scratch --out is not recorded
                 ))
     return cells
 

@@ -276,6 +276,37 @@ def test_killed_sweep_resumes_without_redoing_finished_runs_or_counting_the_half
     assert len(values) == 2 and n_failed == 0 and "quick/seed0: skipped (done.json found)" in "\n".join(lines)
 
 
+def test_the_ledger_keeps_finished_runs_across_checkouts_until_their_config_changes(tmp_path):
+    config = tmp_path / "quick.yaml"
+    config.write_text((ROOT / "configs/quickstart.yaml").read_text())
+    quick = ["-c", str(config), "--data.source.init_args.num_train=100", "--data.target.init_args.num_train=100",
+             "--data.source.init_args.num_test=32", "--data.target.init_args.num_test=32", "--data.batch_size=16",
+             "--data.iters_per_epoch=2", "--trainer.max_epochs=1"]
+    ledger = tmp_path / "ledger"
+    cell = Cell(row="r", col="c", seed=0, out=tmp_path / "out", name="quick/seed0", args=quick, ledger=ledger)
+    first = common.run_cell(cell, log=lambda s: None)
+    assert first.status == "done"
+    kept = json.loads((ledger / "quick" / "seed0.json").read_text())
+    assert kept["record"]["last"] == first.record["last"] and kept["identity"] == common.cell_identity(cell)
+    assert all(tag.startswith("val/") for tag in kept["record"]["scalars"])
+    # a fresh checkout: the run folders are gone, the ledger (committed) is not -> recorded, nothing runs
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
+    lines: list[str] = []
+    again = common.run_cell(cell, log=lines.append)
+    assert again.status == "recorded" and again.ok and again.record["last"] == first.record["last"]
+    assert not cell.run_dir.exists() and "recorded in the ledger" in lines[0]
+    assert common.collect_cell(cell).status == "recorded"
+    # the same cell with another output folder is the same run; an edited config is a new one
+    moved = Cell(row="r", col="c", seed=0, out=tmp_path / "elsewhere", name="quick/seed0", args=quick, ledger=ledger)
+    assert common.cell_identity(moved) == common.cell_identity(cell)
+    config.write_text(config.read_text().replace("lr: 0.01", "lr: 0.02"))
+    assert common.ledger_record(cell, ledger) is None and common.collect_cell(cell) is None
+    assert common.run_cell(cell, log=lambda s: None).status == "done"
+    assert json.loads((ledger / "quick" / "seed0.json").read_text())["identity"] == common.cell_identity(cell)
+
+
 def test_two_workers_split_the_cores_and_keep_the_cell_order(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cells = [Cell(row="r", col="c", seed=s, out=tmp_path, name=f"bad/seed{s}",
