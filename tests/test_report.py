@@ -203,3 +203,41 @@ def test_report_flags_negative_transfer(tmp_path, capsys):
 def test_baseline_metric_needs_a_sweep_with_baselines(tmp_path, capsys):
     assert report.main([str(make_sweep(tmp_path)), "--baseline-metric", "val/target_acc"]) == 2
     assert "declare no baselines: add 'baselines:' to the sweep file" in capsys.readouterr().err
+
+
+def test_run_selections_pick_domainbeds_checkpoints_from_the_logged_series():
+    from tlframe.model_selection import run_selections
+
+    scalars = {"val/source_acc": [(100, 0.5), (200, 0.7), (300, 0.6)],
+               "val/target_acc": [(100, 0.4), (200, 0.8), (300, 0.9)],
+               "val/target_out_acc": [(100, 0.3), (200, 0.7), (300, 0.85)]}
+    chosen = run_selections(scalars)
+    assert chosen["training_domain_validation"] == {"step": 200, "val_acc": 0.7, "test_acc": 0.8,
+                                                    "method": "training-domain validation"}
+    assert chosen["test_domain_oracle"]["step"] == 300 and chosen["test_domain_oracle"]["test_acc"] == 0.9
+    # a two-domain run without the held-out domain's second split: no oracle; no source validation: nothing
+    assert list(run_selections({k: v for k, v in scalars.items() if k != "val/target_out_acc"})) == [
+        "training_domain_validation"]
+    assert run_selections({"val/target_acc": scalars["val/target_acc"]}) == {}
+
+
+def test_domain_table_averages_the_held_out_domains_as_domainbed():
+    from tlframe.report import RunEntry, domain_table, render_domain_tables
+
+    def entry(strategy, domain, seed, tdv, oracle=None, status="done"):
+        selection = {"training_domain_validation": {"test_acc": tdv}}
+        if oracle is not None:
+            selection["test_domain_oracle"] = {"test_acc": oracle}
+        return RunEntry(f"{strategy}{domain}{seed}", {"model.strategy": strategy, "data.test_domain": str(domain)}, seed,
+                        status, {"selection": selection} if status == "done" else {})
+
+    entries = [entry("ERM", 0, 0, 0.90, 0.91), entry("ERM", 0, 1, 0.92, 0.93), entry("ERM", 1, 0, 0.98, 0.99),
+               entry("ERM", 1, 1, 0.96, 0.97), entry("IRM", 0, 0, 0.80), entry("IRM", 1, 0, 0.0, status="failed")]
+    table = domain_table(entries, ["model.strategy", "data.test_domain"], "data.test_domain",
+                         "select:training_domain_validation")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table.splitlines()[2:]}
+    assert rows["ERM"] == ["91.0 ± 1.4 (n=2)", "97.0 ± 1.4 (n=2)", "94.0", "94.0 ± 0.0 (n=2)"]
+    assert rows["IRM"] == ["80.0 (n=1)", "failed (1 run)", "–", "–"]  # a domain without a result: no average
+    text = render_domain_tables(entries, ["model.strategy", "data.test_domain"], "data.test_domain")
+    assert "### target acc, training-domain validation" in text
+    assert "### target acc, test-domain validation (oracle): selected with test-domain labels" in text

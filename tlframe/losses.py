@@ -574,3 +574,146 @@ def classifier_discrepancy(probs_1: torch.Tensor, probs_2: torch.Tensor) -> torc
     with torch.autocast(device_type=probs_1.device.type, enabled=False):
         dtype = _loss_dtype(probs_1, probs_2)
         return (probs_1.to(dtype) - probs_2.to(dtype)).abs().mean()
+
+
+# =========================================================================== domain generalisation (DomainBed)
+# The penalties of DomainBed's algorithms (Gulrajani & Lopez-Paz, ICLR 2021, ``domainbed/algorithms.py``) and
+# MixStyle's feature-statistics mixing, used by :mod:`tlframe.strategies.domain_generalization`. Same conventions
+# as above: pure functions, float32 inside (float64 stays float64), also under autocast.
+
+__all__ += ["DOMAINBED_MMD_GAMMAS", "coral_domainbed", "gaussian_mmd_domainbed", "irm_penalty", "vrex_penalty",
+            "group_dro_weights", "mixstyle"]
+
+#: DomainBed's ``AbstractMMD.gaussian_kernel`` bandwidths: ``k(a, b) = sum_g exp(-g ||a - b||^2)``.
+DOMAINBED_MMD_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def coral_domainbed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """DomainBed's ``CORAL`` distance between the features of two domains, ``x (n, D)`` and ``y (m, D)``::
+
+        mean_j (mu_x - mu_y)_j^2 + mean_jk (C_x - C_y)_jk^2,    C = (f - mu)^T (f - mu) / (rows - 1)
+
+    (``AbstractMMD.mmd`` with ``gaussian=False``: unbiased covariances, both terms averaged over their entries).
+    This is the formula of :func:`coral` with ``scale="tllib"``; needs ``n, m >= 2``. A scalar.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"coral_domainbed: features {tuple(x.shape)} and {tuple(y.shape)} must be (n, D) and (m, D)")
+    return coral(x, y, scale="tllib")
+
+
+def _domainbed_sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """DomainBed's ``my_cdist``: squared distances ``||a_i||^2 + ||b_j||^2 - 2 <a_i, b_j>`` ``(n, m)``, clamped
+    below at ``1e-30`` (so the diagonal of ``a`` against itself is ``1e-30`` up to rounding, never negative)."""
+    sq_a = (a * a).sum(dim=1, keepdim=True)
+    sq_b = (b * b).sum(dim=1, keepdim=True)
+    return (sq_a + sq_b.T - 2.0 * (a @ b.T)).clamp_min(1e-30)
+
+
+def gaussian_mmd_domainbed(x: torch.Tensor, y: torch.Tensor,
+                           gammas: Sequence[float] = DOMAINBED_MMD_GAMMAS) -> torch.Tensor:
+    """DomainBed's ``MMD`` distance (biased MMD^2 with a sum of Gaussian kernels) between ``x (n, D)`` and ``y (m, D)``::
+
+        k(a, b) = sum_g exp(-g * d(a, b)),   d = max(||a - b||^2, 1e-30)
+        MMD^2   = mean_ij k(x_i, x_j) + mean_ij k(y_i, y_j) - 2 mean_ij k(x_i, y_j)
+
+    with fixed bandwidths ``gammas`` (DomainBed: 0.001 ... 1000, :data:`DOMAINBED_MMD_GAMMAS`; no data-driven
+    bandwidth, unlike :func:`mk_mmd`). Means include the diagonals (the V-statistic). ``n, m >= 1``. A scalar.
+    """
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"gaussian_mmd_domainbed: features {tuple(x.shape)} and {tuple(y.shape)} must be (n, D) "
+                         "and (m, D)")
+    if x.shape[0] < 1 or y.shape[0] < 1:
+        raise ValueError(f"gaussian_mmd_domainbed needs at least one row per domain, got {x.shape[0]} and {y.shape[0]}")
+    if not gammas:
+        raise ValueError("gaussian_mmd_domainbed: gammas must name at least one bandwidth")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = _loss_dtype(x, y)
+        a, b = x.to(dtype), y.to(dtype)
+
+        def kernel_mean(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            d = _domainbed_sq_dists(u, v)
+            return sum(torch.exp(-float(g) * d) for g in gammas).mean()
+
+        return kernel_mean(a, a) + kernel_mean(b, b) - 2.0 * kernel_mean(a, b)
+
+
+def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """IRMv1's penalty of one domain (Arjovsky et al. 2019; DomainBed ``IRM._irm_penalty``), ``(N, C), (N,) -> ()``.
+
+    With a dummy classifier scale ``w`` at 1, ``g_k = d/dw CE(w * logits[k::2], y[k::2])`` on the even (k=0) and
+    odd (k=1) rows, and the penalty is ``g_0 * g_1`` (an unbiased estimate of the squared gradient norm). Computed
+    in closed form, ``d/dw CE(w z, y)|_{w=1} = mean_i (sum_c softmax(z_i)_c z_ic - z_{i y_i})``, which is what the
+    reference's double backward through the dummy scale evaluates; the result stays differentiable in ``logits``.
+    Needs ``N >= 2``.
+    """
+    if logits.ndim != 2 or y.shape != logits.shape[:1]:
+        raise ValueError(f"irm_penalty: logits {tuple(logits.shape)} and labels {tuple(y.shape)} must be (N, C) and (N,)")
+    if logits.shape[0] < 2:
+        raise ValueError(f"irm_penalty needs at least 2 rows (one per half), got {logits.shape[0]}")
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        z = logits.to(_loss_dtype(logits))
+
+        def scale_grad(zk: torch.Tensor, yk: torch.Tensor) -> torch.Tensor:
+            expected = (torch.softmax(zk, dim=1) * zk).sum(dim=1)
+            return (expected - zk.gather(1, yk[:, None]).squeeze(1)).mean()
+
+        return scale_grad(z[0::2], y[0::2]) * scale_grad(z[1::2], y[1::2])
+
+
+def vrex_penalty(losses: torch.Tensor) -> torch.Tensor:
+    """V-REx's penalty (Krueger et al., ICML 2021; DomainBed ``VREx``): the variance of the per-domain risks,
+    ``mean_m (L_m - mean(L))^2`` (population variance), ``(M,) -> ()``; 0 for one domain."""
+    if losses.ndim != 1 or losses.numel() < 1:
+        raise ValueError(f"vrex_penalty: losses must be a non-empty vector (M,), got shape {tuple(losses.shape)}")
+    with torch.autocast(device_type=losses.device.type, enabled=False):
+        risks = losses.to(_loss_dtype(losses))
+        return ((risks - risks.mean()) ** 2).mean()
+
+
+def group_dro_weights(q: torch.Tensor, losses: torch.Tensor, eta: float) -> torch.Tensor:
+    """Group DRO's exponentiated-gradient step on the group weights (Sagawa et al., ICLR 2020, Algorithm 1;
+    DomainBed ``GroupDRO``): ``q'_m = q_m exp(eta L_m) / sum_k q_k exp(eta L_k)``, ``(M,), (M,) -> (M,)``.
+
+    Pure (returns the new weights); the losses are detached. A group whose loss is given as 0 keeps its
+    unnormalised weight (how :class:`~tlframe.strategies.GroupDRO` skips a domain without rows in a batch).
+    Computed as ``q exp(eta L - max(eta L))`` before the normalisation: the same value without overflow.
+    """
+    if q.ndim != 1 or q.shape != losses.shape:
+        raise ValueError(f"group_dro_weights: q {tuple(q.shape)} and losses {tuple(losses.shape)} must be the same (M,)")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dtype = _loss_dtype(q, losses)
+        step = float(eta) * losses.detach().to(dtype)
+        new = q.detach().to(dtype) * torch.exp(step - step.max())
+        return new / new.sum()
+
+
+def mixstyle(x: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MixStyle (Zhou et al., ICLR 2021): re-style feature maps ``x (N, C, H, W)`` with mixed instance statistics.
+
+    ``mu, sig``: per-sample, per-channel mean and ``sqrt(var + eps)`` over ``H, W`` (unbiased variance, as the
+    reference code), both detached; ``lam (N,)`` mixing weights (``Beta(alpha, alpha)`` draws), ``perm (N,)`` the
+    partner of each row::
+
+        mu_mix  = lam mu  + (1 - lam) mu[perm]
+        sig_mix = lam sig + (1 - lam) sig[perm]
+        out     = (x - mu) / sig * sig_mix + mu_mix
+
+    Computed in float32 (float64 stays float64) and returned in ``x``'s dtype; needs ``H * W >= 2``.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"mixstyle: x must be feature maps (N, C, H, W), got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if lam.shape != (n,) or perm.shape != (n,):
+        raise ValueError(f"mixstyle: lam {tuple(lam.shape)} and perm {tuple(perm.shape)} must both be ({n},)")
+    if x.shape[2] * x.shape[3] < 2:
+        raise ValueError(f"mixstyle needs at least 2 spatial positions per map, got {tuple(x.shape[2:])}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        dtype = _loss_dtype(x)
+        xf = x.to(dtype)
+        mu = xf.mean(dim=(2, 3), keepdim=True).detach()
+        sig = (xf.var(dim=(2, 3), keepdim=True) + eps).sqrt().detach()
+        w = lam.to(device=x.device, dtype=dtype).view(n, 1, 1, 1)
+        idx = perm.to(device=x.device, dtype=torch.long)
+        mu_mix = w * mu + (1.0 - w) * mu[idx]
+        sig_mix = w * sig + (1.0 - w) * sig[idx]
+        return ((xf - mu) / sig * sig_mix + mu_mix).to(x.dtype)

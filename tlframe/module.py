@@ -362,8 +362,8 @@ class TransferModule(pl.LightningModule):
         if self.hparams.scheduler_interval == "step":
             for scheduler in self._schedulers():
                 scheduler.step()
-        x_s = batch["source"][0]
-        self._log_step(out, out.total().detach(), None, batch_size=x_s.shape[0])
+        sources = batch["sources"] if "sources" in batch else [batch["source"]]  # several domains: their batches
+        self._log_step(out, out.total().detach(), None, batch_size=sum(int(x.shape[0]) for x, *_ in sources))
         return None
 
     def _schedulers(self) -> list:

@@ -88,15 +88,27 @@ def parse_metric(spec: str) -> tuple[str, str]:
     return "last", spec
 
 
+#: ``select:<method>``: the test accuracy at the checkpoint a DomainBed selection method picks (done.json ``selection``)
+SELECT = "select:"
+SELECTION_TITLES = {"training_domain_validation": "training-domain validation",
+                    "test_domain_oracle": "test-domain validation (oracle)"}
+
+
 def metric_title(spec: str) -> str:
     if spec == ORACLE:
         return "oracle: max val/target_acc"
+    if spec.startswith(SELECT):
+        method = spec[len(SELECT):]
+        return f"target acc, {SELECTION_TITLES.get(method, method)}"
     stat, tag = parse_metric(spec)
     return tag if stat == "last" else f"{stat} {tag}"
 
 
 def metric_value(record: dict[str, Any], spec: str) -> Optional[float]:
     """The value of ``spec`` in a ``done.json`` record (``None`` when the run did not log that tag)."""
+    if spec.startswith(SELECT):
+        chosen = (record.get("selection") or {}).get(spec[len(SELECT):])
+        return None if chosen is None else float(chosen["test_acc"])
     stat, tag = parse_metric(spec)
     entry = (record.get("scalars") or {}).get(tag)
     return None if entry is None else float(entry[stat])
@@ -374,6 +386,41 @@ def render_markdown(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[
     return "\n".join(lines)
 
 
+def domain_table(entries: Sequence[RunEntry], axes: Sequence[str], domain_axis: str, metric: str,
+                 decimals: int = 1, scale: float = 100.0) -> str:
+    """DomainBed's table of a leave-one-domain-out sweep: one row per point of the other axes, one column per held-out
+    domain (``domain_axis``: mean ± sample std over seeds, n), then **Avg**: the mean over the domains of the
+    per-domain means (DomainBed's "Avg"), "–" until every domain has a finished run; and the spread of that average
+    over seeds (the sample std of each seed's mean over the domains, over the seeds finished in every domain)."""
+    others = [a for a in axes if a != domain_axis]
+    domains = list(dict.fromkeys(e.point.get(domain_axis, "") for e in entries))
+    try:
+        domains.sort(key=lambda d: float(d))
+    except ValueError:
+        pass
+    groups: dict[tuple, list[RunEntry]] = {}
+    for e in entries:
+        groups.setdefault(tuple(e.point.get(a, "") for a in others), []).append(e)
+    header = [*others, *[f"{domain_axis}={d}" for d in domains], "Avg", "Avg ± over seeds"]
+    body = []
+    for key, group in groups.items():
+        per_domain: dict[str, dict[int, float]] = {d: {} for d in domains}
+        failed = {d: 0 for d in domains}
+        for e in group:
+            v = metric_value(e.record, metric) if e.status == "done" else None
+            if v is not None:
+                per_domain[e.point.get(domain_axis, "")][e.seed] = v
+            failed[e.point.get(domain_axis, "")] += e.status == "failed"
+        cells = [format_cell([per_domain[d][s] for s in sorted(per_domain[d])], failed[d], scale=scale,
+                             decimals=decimals) for d in domains]
+        means = [statistics.fmean(per_domain[d].values()) for d in domains if per_domain[d]]
+        avg = f"{scale * statistics.fmean(means):.{decimals}f}" if len(means) == len(domains) and means else "–"
+        seeds = set.intersection(*(set(per_domain[d]) for d in domains)) if domains else set()
+        per_seed = [statistics.fmean(per_domain[d][s] for d in domains) for s in sorted(seeds)]
+        body.append([*key, *cells, avg, format_cell(per_seed, scale=scale, decimals=decimals) if per_seed else "–"])
+    return markdown_table(header, body, left=len(others))
+
+
 def render_csv(rows: Sequence[Row], axes: Sequence[str], metrics: Sequence[str], stderr: bool = False,
                comparisons: Optional[Sequence[dict[str, Optional[Comparison]]]] = None) -> str:
     """One line per grid point: axes, ``<metric> mean``, ``<metric> std`` (or ``stderr``), the comparisons with the
@@ -440,6 +487,24 @@ def plot(rows: Sequence[Row], axes: Sequence[str], x_axis: str, metric: str, pat
 
 
 # --------------------------------------------------------------------------- command line
+def render_domain_tables(entries: Sequence[RunEntry], axes: Sequence[str], domain_axis: str) -> str:
+    """The ``--domains`` section: :func:`domain_table` of the target accuracy under each selection method the runs
+    recorded (training-domain validation first; the oracle labelled as such), else of the last ``val/target_acc``."""
+    methods = [m for m in SELECTION_TITLES
+               if any((e.record.get("selection") or {}).get(m) for e in entries if e.status == "done")]
+    specs = [SELECT + m for m in methods] or ["val/target_acc"]
+    lines = [f"## By held-out domain ({domain_axis})", "",
+             "Target accuracy (%) per held-out domain: mean ± sample std over seeds (n); Avg = the mean over the "
+             "domains of the per-domain means (DomainBed's Avg); \"Avg ± over seeds\" = mean and sample std over the "
+             "seeds finished in every domain of each seed's average over the domains.", ""]
+    for spec in specs:
+        title = metric_title(spec)
+        if spec.endswith("test_domain_oracle"):
+            title += ": selected with test-domain labels, an upper bound, not a valid DG result"
+        lines += [f"### {title}", "", domain_table(entries, axes, domain_axis, spec), ""]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tlframe report", description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("sweep_dir", help="the sweep's output folder (holds sweep.json and runs/)")
@@ -452,6 +517,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--baseline-metric", metavar="M",
                    help="the metric runs are compared with their baselines on (sweeps with baselines; default "
                         "val/target_acc, else test/target_acc)")
+    p.add_argument("--domains", metavar="AXIS",
+                   help="leave-one-domain-out sweeps: also tabulate by this axis (e.g. data.test_domain) as DomainBed "
+                        "does, a column per held-out domain and their average, for each model-selection method")
     p.add_argument("--decimals", type=int, default=4)
     p.add_argument("--out", help="markdown file to write (default <sweep_dir>/report.md); the CSV goes next to it")
     p.add_argument("--plot", metavar="AXIS", help="also write a PNG of a metric against this grid axis next to the table")
@@ -495,6 +563,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out).expanduser().resolve() if args.out else sweep_dir / "report.md"
     text = render_markdown(rows, axes, metrics, args.stderr, args.decimals, title=f"Sweep {sweep_dir.name}",
                            rank_by=args.rank_by, comparisons=comparisons, compared_on=compared_on)
+    if args.domains:
+        if args.domains not in axes:
+            return fail(f"--domains {args.domains!r} is not a grid axis of this sweep; axes: {axes}")
+        text += "\n" + render_domain_tables(entries, axes, args.domains)
     atomic_write_text(out, text)
     atomic_write_text(out.with_suffix(".csv"), render_csv(rows, axes, metrics, args.stderr, comparisons))
     print(text)

@@ -218,8 +218,12 @@ class RunSpec:
 
 
 def default_summary(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, Any]:
-    """``done.json``'s ``scalars`` field: :func:`scalar_stats` of every logged tag."""
-    return {"scalars": scalar_stats(scalars)}
+    """``done.json``'s ``scalars`` field (:func:`scalar_stats` of every logged tag) and ``selection``: the checkpoint
+    each of DomainBed's model-selection methods picks and its test accuracy
+    (:func:`tlframe.model_selection.run_selections`; empty when none applies)."""
+    from tlframe.model_selection import run_selections
+
+    return {"scalars": scalar_stats(scalars), "selection": run_selections(scalars)}
 
 
 def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
