@@ -163,19 +163,28 @@ def test_sweep_with_one_worker_whose_runs_use_two_processes(tmp_path):
         assert "Starting with 2 processes" in log and log.count("tlframe: val results") == 1
 
 
-def test_multi_source_fit_with_two_processes(tmp_path):
-    """Several domains under DDP: each domain's sampler is sharded on its own (every rank gets every domain)."""
+@pytest.mark.parametrize("strategy", [
+    ["--data.adapt_to_test_domain=true", "--model.strategy=tlframe.strategies.DANN", "--model.strategy.num_domains=3"],
+    ["--model.strategy=tlframe.strategies.IRM", "--model.strategy.irm_penalty_anneal_iters=1"],
+    ["--model.strategy=tlframe.strategies.DomainAdversarial", "--model.strategy.num_domains=2",
+     "--model.strategy.mlp_width=16"],
+], ids=["msda_dann", "dg_irm", "dg_dann"])
+def test_multi_domain_fit_with_two_processes(tmp_path, strategy):
+    """Several domains under DDP: each domain's sampler is sharded on its own (every rank gets every domain); a
+    multi-source DA strategy and two DG strategies (one with its own alternating optimizer steps)."""
     domains = [{"class_path": "tlframe.data.SyntheticDomain",
                 "init_args": {"style": style, "num_train": 64, "num_test": 37, "seed": seed}}
                for style, seed in (("source", 0), ("source", 2), ("target", 1))]
     (tmp_path / "domains.yaml").write_text(yaml.safe_dump({"data": {"domains": domains}}))
     out = tlframe("fit", "-c", str(ROOT / "configs" / "quickstart_domains.yaml"), "-c", str(tmp_path / "domains.yaml"),
-                  "--data.adapt_to_test_domain=true", "--model.strategy=tlframe.strategies.DANN",
-                  "--model.strategy.num_domains=3", "--data.batch_size=8", "--data.iters_per_epoch=4",
+                  *strategy, "--data.batch_size=8", "--data.iters_per_epoch=4",
                   "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
                   "--trainer.enable_model_summary=false", *DDP, f"--trainer.logger.init_args.save_dir={tmp_path}/runs",
                   cwd=tmp_path)
     run = check_one_fit_run(tmp_path, out, name="quickstart_domains")
     assert "val/source_synthetic_source_0_acc" in out and "val/source_acc" in out
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["state_dict"]["strategy.discriminator.6.weight"].shape[0] == 3
+    if "--model.strategy.num_domains=3" in strategy:
+        assert ckpt["state_dict"]["strategy.discriminator.6.weight"].shape[0] == 3  # sources and the target
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert f"--model.strategy={config['model']['strategy']['class_path']}" in strategy

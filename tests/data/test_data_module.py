@@ -240,9 +240,40 @@ def test_in_memory_sets_keep_their_transformed_tensors_and_give_the_same_batches
             assert torch.equal(b_cached[role][0], b_plain[role][0]) and torch.equal(b_cached[role][1], b_plain[role][1])
     memo = {k: v for k, v in dm._preloaded.items() if k.startswith("source train")}
     assert len(memo) == 1 and isinstance(next(iter(memo.values())), MemoizedDataset)
-    assert sum(item is not None for item in next(iter(memo.values())).items) > 0  # filled by the first epoch
+    kept = next(iter(memo.values()))
+    assert kept.items is None and kept.images.shape == (36, 3, 32, 32)  # one contiguous tensor for the split
+    assert int(kept.filled.sum()) > 0  # filled by the first epoch
     augmenting, _ = batches(train_augmentation="crop_flip")
     assert not any(k.endswith("train") or " train " in k for k in augmenting._preloaded)  # random crops: never kept
+
+
+def test_memoized_items_live_in_one_tensor_and_other_items_are_kept_as_they_are():
+    from tlframe.data.datasets import MemoizedDataset
+
+    calls = []
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            calls.append(i)
+            return torch.full((1, 2, 2), float(i)), i % 3
+
+    memo = MemoizedDataset(Images())
+    first = [memo[i] for i in (4, 0, 4)]
+    assert calls == [4, 0] and memo.images.shape == (5, 1, 2, 2) and memo.filled.tolist() == [1, 0, 0, 0, 1]
+    assert torch.equal(first[2][0], torch.full((1, 2, 2), 4.0)) and first[2][1] == 1 and isinstance(first[2][1], int)
+
+    class Odd(torch.utils.data.Dataset):  # varying shapes: kept item by item
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.zeros(i + 1), i
+
+    odd = MemoizedDataset(Odd())
+    assert [odd[i][0].shape[0] for i in (0, 1, 2, 1)] == [1, 2, 3, 2] and odd.items is not None
 
 
 def test_splits_too_large_for_memory_load_as_usual(monkeypatch):

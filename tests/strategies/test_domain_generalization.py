@@ -641,3 +641,24 @@ def test_resume_mid_run_matches_the_uninterrupted_run(build, tmp_path):
         assert torch.equal(a, b) if torch.is_tensor(a) else a.keys() == b.keys()
     if isinstance(full.strategy, GroupDRO):
         assert full.strategy.q.numel() == 3 and torch.equal(full.strategy.q, resumed.strategy.q)
+
+
+def test_domain_adversarial_with_three_training_domains_alternates_and_discriminates_them(tmp_path):
+    model = _RecordingModule("dtn", num_classes=10, strategy=DomainAdversarial(mlp_width=16, conditional=True))
+    trainer = make_trainer(tmp_path, max_epochs=1, limit_val_batches=1)
+    trainer.fit(model, _three_source_dm())
+    assert model.step_log == ["generator", "discriminator"] * 2 and model.global_step == 4
+    assert model.strategy.discriminator.out_features == 3  # one output per training domain, read from the data
+    assert "val/source_acc" in trainer.callback_metrics and "train/loss_disc" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("build", [ERM, DomainCORAL, DomainMMD, lambda: IRM(irm_penalty_anneal_iters=1),
+                                   lambda: VREx(vrex_penalty_anneal_iters=1), GroupDRO,
+                                   lambda: DomainAdversarial(mlp_width=16), lambda: MixStyle(p=1.0)],
+                         ids=["erm", "coral", "mmd", "irm", "vrex", "groupdro", "dann", "mixstyle"])
+def test_dg_strategies_train_under_bf16_with_three_domains(build, tmp_path):
+    model = TransferModule("dtn", num_classes=10, strategy=build())
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, precision="bf16-mixed")
+    trainer.fit(model, _three_source_dm())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -164,21 +164,53 @@ class MemoizedDataset(Dataset):
 
     Only for a deterministic transform (the same tensor every epoch) and in-process loading
     (``num_workers=0``: worker processes would each fill a copy of their own).
-    Costs ``4 * C * H * W`` bytes per image once every item has been seen.
+    Costs ``4 * C * H * W`` bytes per image: the ``(image, label)`` items are kept in **one** preallocated tensor
+    per split (allocated at the first item, ``(N, C, H, W)``, plus the labels), not as ``N`` small tensors, so the
+    cache adds no per-image allocation and does not fragment the heap between the training step's large
+    short-lived tensors. Items of another form (or of varying shapes) are kept as they are.
     """
 
     def __init__(self, data: Dataset) -> None:
         self.data = data
-        self.items: list = [None] * len(data)  # type: ignore[arg-type]
+        self.n = len(data)  # type: ignore[arg-type]
+        self.images: Optional[torch.Tensor] = None  # (N, *image shape), filled on first access
+        self.labels: Optional[torch.Tensor] = None
+        self.filled: Optional[torch.Tensor] = None
+        self.items: Optional[list] = None  # fallback for items that are not (same-shape tensor, int label)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.n
 
     def __getitem__(self, index: int):
-        item = self.items[index]
-        if item is None:
-            item = self.items[index] = self.data[index]
+        if self.items is not None:
+            item = self.items[index]
+            if item is None:
+                item = self.items[index] = self.data[index]
+            return item
+        if self.filled is not None and bool(self.filled[index]):
+            return self.images[index], int(self.labels[index])  # type: ignore[index]
+        item = self.data[index]
+        if not self._store(index, item):
+            self.items = [None] * self.n
+            self.items[index] = item
         return item
+
+    def _store(self, index: int, item: Any) -> bool:
+        """Keep ``item`` in the preallocated tensors; False when it does not fit them (then nothing is stored)."""
+        if not (isinstance(item, tuple) and len(item) == 2 and torch.is_tensor(item[0])
+                and isinstance(item[1], (int, np.integer))):
+            return False
+        x, y = item
+        if self.images is None:
+            self.images = torch.empty((self.n, *x.shape), dtype=x.dtype)
+            self.labels = torch.empty(self.n, dtype=torch.long)
+            self.filled = torch.zeros(self.n, dtype=torch.bool)
+        if x.shape != self.images.shape[1:] or x.dtype != self.images.dtype:
+            return False
+        self.images[index] = x
+        self.labels[index] = int(y)  # type: ignore[index]
+        self.filled[index] = True  # type: ignore[index]
+        return True
 
 
 class WithIndex(Dataset):
