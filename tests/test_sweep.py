@@ -354,3 +354,53 @@ def test_worker_thread_env_splits_the_cores_unless_the_user_chose():
     assert worker_thread_env(2, cpus=8, environ={}) == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
     assert worker_thread_env(4, cpus=2, environ={}) == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     assert worker_thread_env(2, cpus=8, environ={"OMP_NUM_THREADS": "3"}) == {}
+
+
+def test_a_leave_one_domain_out_sweep_and_its_domainbed_table(tmp_path):
+    """A sweep over data.test_domain (every held-out domain of configs/quickstart_domains.yaml), then
+    ``tlframe report --domains``: a column per held-out domain and DomainBed's Avg, per selection method."""
+    domains = [{"class_path": "tlframe.data.SyntheticDomain",
+                "init_args": {"style": style, "num_train": 64, "num_test": 24, "seed": seed}}
+               for style, seed in (("source", 0), ("source", 2), ("target", 1))]
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({"data": {"domains": domains}}))
+    spec = {"base": [str(ROOT / "configs" / "quickstart_domains.yaml"), str(small)], "out": str(tmp_path / "out"),
+            "args": ["--data.batch_size=8", "--data.iters_per_epoch=2", "--trainer.max_epochs=1",
+                     "--trainer.enable_model_summary=false", "--insights.projector=false",
+                     "--insights.a_distance=false"],
+            "grid": {"data.test_domain": [0, 2]}, "seeds": [0, 1]}
+    path = write_sweep(tmp_path, spec)
+    result = tlframe("sweep", str(path), "--gpus", "none", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    done = [json.loads((r.run_dir / "done.json").read_text()) for r in sw.load_sweep(path).runs]
+    assert len(done) == 4 and all("training_domain_validation" in d["selection"] for d in done)
+    report = tlframe("report", str(tmp_path / "out"), "--domains", "data.test_domain", cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## By held-out domain (data.test_domain)" in text and "### target acc, training-domain validation" in text
+    header = next(line for line in text.splitlines() if line.startswith("| data.test_domain=0"))
+    assert header.split("|")[1:-1] == [" data.test_domain=0 ", " data.test_domain=2 ", " Avg ", " Avg ± over seeds "]
+    row = text.splitlines()[text.splitlines().index(header) + 2]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert all(c.endswith("(n=2)") for c in cells[:2] + cells[3:]) and float(cells[2]) >= 0
+    bad = tlframe("report", str(tmp_path / "out"), "--domains", "data.nope", cwd=tmp_path)
+    assert bad.returncode == 2 and "--domains 'data.nope' is not a grid axis" in bad.stderr
+
+
+def test_the_shipped_multi_source_sweep_parses(tmp_path, capsys):
+    sweep = sw.load_sweep(ROOT / "configs" / "office_caltech" / "msda_webcam_sweep.yaml", out=str(tmp_path))
+    assert len(sweep.runs) == 24
+    for run in (r for r in sweep.runs if r.seed == 0):
+        configs = [a for c in run.configs for a in ("-c", c)]
+        with pytest.raises(SystemExit) as exit_info:
+            tlframe_main(["fit", *configs, *run.args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        cfg = yaml.safe_load(capsys.readouterr().out)
+        setting = run.point["setting"]
+        strategy = cfg["model"]["strategy"]
+        assert strategy["class_path"].endswith("DANN" if setting.endswith("dann") else "FineTune")
+        if setting.startswith("three"):
+            assert len(cfg["data"]["sources"]) == 3 and cfg["data"]["targets"][0]["init_args"]["root"].endswith("webcam")
+            assert strategy["init_args"].get("num_domains") == (4 if setting == "three_dann" else None)
+        else:
+            assert cfg["data"]["source"]["init_args"]["root"].endswith(setting.split("_")[0])
