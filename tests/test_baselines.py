@@ -69,3 +69,13 @@ def test_a_source_free_run_has_no_source_only_sibling_but_a_target_only_one():
     target_only = target_only_config(shot, labels_per_class=10)
     assert target_only["model"]["strategy"]["class_path"] == FINETUNE
     assert target_only["data"]["source"]["class_path"] == "tlframe.data.USPSDomain"
+
+
+def test_a_multi_source_run_has_a_source_only_sibling_on_the_same_domains_and_no_target_only_one():
+    config = resolved_config(["fit", "-c", str(ROOT / "configs" / "quickstart_domains.yaml"),
+                              "--data.adapt_to_test_domain=true", "--model.strategy=tlframe.strategies.DANN",
+                              "--model.strategy.num_domains=3"])
+    sibling = source_only_config(config)
+    assert sibling["model"]["strategy"]["class_path"] == "tlframe.strategies.FineTune"
+    assert sibling["data"] == config["data"]  # the same three domains
+    assert target_only_config(config, 10) is None

@@ -77,7 +77,10 @@ def target_labelled(config: dict[str, Any]) -> bool:
 
 def target_only_config(config: dict[str, Any], labels_per_class: Optional[int] = None) -> Optional[dict[str, Any]]:
     """The target-only sibling of ``config`` (FineTune on ``labels_per_class`` labelled target train images per
-    class), or ``None`` when the target has no labels."""
+    class), or ``None`` when the target has no labels or the run has several domains (multi-source DA, DG)."""
+    data = config.get("data") or {}
+    if data.get("sources") is not None or data.get("domains") is not None:
+        return None  # several domains (MultiDomainDataModule): no single target to train on
     if not target_labelled(config):
         return None
     out = copy.deepcopy(config)
