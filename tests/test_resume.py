@@ -109,3 +109,37 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
         assert torch.equal(value, resumed["state_dict"][key]), key
     metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
     assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 11  # with entropy, SND, IM, DEV, A-distance
+
+
+def test_several_domains_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
+    """Leave one domain out with three domains' samplers and GroupDRO's domain weights q (extra state): the same
+    promise as above."""
+    import yaml
+
+    domains = [{"class_path": "tlframe.data.SyntheticDomain",
+                "init_args": {"style": style, "num_train": 120, "num_test": 32, "seed": seed}}
+               for style, seed in (("source", 0), ("source", 2), ("target", 1), ("target", 3))]
+    small = tmp_path / "domains.yaml"
+    small.write_text(yaml.safe_dump({"data": {"domains": domains}}))
+    args = ["-c", str(ROOT / "configs" / "quickstart_domains.yaml"), "-c", str(small), "--data.test_domain=3",
+            "--data.batch_size=8", f"--data.iters_per_epoch={ITERS}", "--data.train_augmentation=crop_flip",
+            "--model.strategy=tlframe.strategies.GroupDRO", "--model.strategy.groupdro_eta=1.0",
+            "--trainer.max_epochs=4", "--trainer.deterministic=true", "--checkpoint.every_n_train_steps=4",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
+    capsys.readouterr()
+    reference = _state(tmp_path / "full" / "quickstart_domains" / "version_0" / "checkpoints" / "last.ckpt")
+    assert reference["global_step"] == 4 * ITERS
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "tlframe", "fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/killed"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "killed" / "quickstart_domains" / "version_0" / "checkpoints"
+    step = _kill_when_last_ckpt_is_mid_epoch(proc, run / "last.ckpt")
+    assert proc.returncode == -signal.SIGKILL and step % ITERS
+    main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/killed", f"--ckpt_path={run / 'last.ckpt'}"])
+    resumed = _state(tmp_path / "killed" / "quickstart_domains" / "version_1" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == reference["global_step"]
+    assert any(k.endswith("_extra_state") for k in reference["state_dict"])  # GroupDRO's q
+    for key, value in reference["state_dict"].items():
+        assert _same(value, resumed["state_dict"][key]), key
+    assert _same(resumed["optimizer_states"], reference["optimizer_states"])
