@@ -252,7 +252,9 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------------- the command
 def data_module(config: str, overrides: Sequence[str], command: str = "tlframe rank",
                 options: str = "-c, --candidates, --out, --domain, --split, --rank-by, --cache"):
-    """The ``data`` section of a tlframe config (plus ``--data.*`` overrides) as a TransferDataModule; ``command``
+    """The ``data`` section of a tlframe config (plus ``--data.*`` overrides) as a TransferDataModule (a
+    MultiDomainDataModule when it lists several domains: ``source`` / ``target`` are then its first source and its
+    first target or held-out domain); ``command``
     and its ``options`` name the caller in the error about an unknown option."""
     from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
 
@@ -275,7 +277,11 @@ def data_module(config: str, overrides: Sequence[str], command: str = "tlframe r
                           "overrides")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_class_arguments(TransferDataModule, "data")
+    from tlframe.cli import MULTI_DOMAIN_KEYS
+    from tlframe.data import MultiDomainDataModule
+
+    several = any(k in spec["data"] for k in MULTI_DOMAIN_KEYS)  # its first source and first target are used
+    parser.add_class_arguments(MultiDomainDataModule if several else TransferDataModule, "data")
     with tempfile.TemporaryDirectory() as tmp:
         only_data = Path(tmp) / file.name
         only_data.write_text(yaml.safe_dump({"data": spec["data"]}))
