@@ -156,13 +156,24 @@ def ledger_file(cell: Cell, ledger: Path = LEDGER) -> Path:
     return ledger / f"{cell.name}.json"
 
 
-def ledger_record(cell: Cell, ledger: Path = LEDGER) -> Optional[dict[str, Any]]:
-    """The cell's ledger record when its identity matches the cell's current one (else None)."""
+def read_ledger(path: Path, identity: str) -> Optional[dict[str, Any]]:
+    """The record kept at ``path`` when it was written for ``identity`` (else None: absent, unreadable or stale)."""
     try:
-        entry = json.loads(ledger_file(cell, ledger).read_text())
+        entry = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return entry.get("record") if entry.get("identity") == cell_identity(cell) else None
+    return entry.get("record") if entry.get("identity") == identity else None
+
+
+def keep_in_ledger(path: Path, identity: str, record: dict[str, Any]) -> None:
+    """Write ``record`` at ``path`` for ``identity`` (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"identity": identity, "record": record}, indent=1, sort_keys=True) + "\n")
+
+
+def ledger_record(cell: Cell, ledger: Path = LEDGER) -> Optional[dict[str, Any]]:
+    """The cell's ledger record when its identity matches the cell's current one (else None)."""
+    return read_ledger(ledger_file(cell, ledger), cell_identity(cell))
 
 
 def collect_cell(cell: Cell) -> Optional[RunResult]:
@@ -179,9 +190,7 @@ def collect_cell(cell: Cell) -> Optional[RunResult]:
 def write_ledger(cell: Cell, record: dict[str, Any], ledger: Path = LEDGER) -> None:
     """Keep a finished cell's record (numbers, command, wall time; each tag's statistics of ``val/*`` only)."""
     kept = {**record, "scalars": {k: v for k, v in (record.get("scalars") or {}).items() if k.startswith("val/")}}
-    path = ledger_file(cell, ledger)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"identity": cell_identity(cell), "record": kept}, indent=1, sort_keys=True) + "\n")
+    keep_in_ledger(ledger_file(cell, ledger), cell_identity(cell), kept)
 
 
 def summarize_scalars(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits import run_digits  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, REPO, Cell, RunResult, atomic_write_text, cell_identity, cell_values, collect_cell, display_path,
+    LEDGER, REPO, Cell, RunResult, cell_identity, cell_values, collect_cell, display_path, keep_in_ledger, read_ledger,
     failures_section, format_cell, machine_lines, markdown_table, mean_std, regen_command, resolve_io, today,
     write_results,
 )
@@ -90,18 +90,12 @@ def run_tta(out: Path, data_root: Path, task: str, method: str, seed: int, sourc
 def _keep(record: dict, ledger: Path | None, source_cell: Cell) -> dict:
     """Write an adapt run's result to the ledger (identity: its SHOT source model's cell); return it."""
     if ledger is not None and _recorded(ledger, source_cell) is None:
-        ledger.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(ledger, json.dumps({"identity": cell_identity(source_cell), "record": record}, indent=1,
-                                             sort_keys=True) + "\n")
+        keep_in_ledger(ledger, cell_identity(source_cell), record)
     return record
 
 
 def _recorded(ledger: Path | None, source_cell: Cell) -> dict | None:
-    try:
-        entry = json.loads(ledger.read_text()) if ledger is not None else {}
-    except (OSError, ValueError):
-        return None
-    return entry.get("record") if entry.get("identity") == cell_identity(source_cell) else None
+    return None if ledger is None else read_ledger(ledger, cell_identity(source_cell))
 
 
 def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds: Sequence[int], command: str,

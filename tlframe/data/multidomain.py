@@ -44,7 +44,7 @@ import torch
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tlframe.data.datamodule import TransferDataModule, _labels_of  # noqa: F401  (re-used helpers)
+from tlframe.data.datamodule import TransferDataModule
 from tlframe.data.domains import Domain
 from tlframe.data.errors import DataError
 from tlframe.data.samplers import EpochRandomSampler
