@@ -116,47 +116,60 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_mutated_shipped_configs_train_or_fail_with_one_line(tmp_path, shared_data, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+    """An earlier run whose files no mutation below may change, and a truncated copy of its checkpoint."""
+    folder = tmp_path_factory.mktemp("earlier")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLFRAME_DATA_ROOT", str(shared_data))
+        mp.chdir(folder)
+        main(["fit", "-c", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={folder}",
+              "--data.source.init_args.num_train=100", "--data.target.init_args.num_train=100",
+              "--data.batch_size=16", *FAST])
+    ckpt = next(folder.rglob("last.ckpt"))
+    truncated = folder.parent / f"{folder.name}_truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
+    return folder, truncated
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+def test_mutated_shipped_configs_train_or_fail_with_one_line(config, earlier_run, tmp_path, shared_data, monkeypatch,
+                                                             capsys):
+    """One test per shipped config (so that parallel test workers share them out), its mutations seeded by the
+    config's position in the sorted list."""
+    earlier, truncated = earlier_run
     monkeypatch.setenv("TLFRAME_DATA_ROOT", str(shared_data))
     monkeypatch.chdir(tmp_path)
-    # an earlier run whose files nothing below may change, and a truncated copy of its checkpoint
-    earlier = tmp_path / "earlier"
-    main(["fit", "-c", str(ROOT / "configs" / "quickstart.yaml"), f"--trainer.logger.init_args.save_dir={earlier}",
-          "--data.source.init_args.num_train=100", "--data.target.init_args.num_train=100", "--data.batch_size=16",
-          *FAST])
-    ckpt = next(earlier.rglob("last.ckpt"))
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 3])
-    before, shipped = snapshot(earlier), snapshot(ROOT / "configs")
+    before, shipped = snapshot(earlier), snapshot(config.parent)
     capsys.readouterr()
 
-    outcomes: dict[str, int] = {}
-    tried = 0
-    for ci, config in enumerate(CONFIGS):
-        rng = random.Random(1000 + ci)
-        for kind in rng.sample(KINDS, PER_CONFIG):
-            cfg, extra, what = mutate(yaml.safe_load(config.read_text()), kind, rng, truncated)
-            mutated = tmp_path / "mutated" / f"{ci:02d}_{kind}.yaml"
-            mutated.parent.mkdir(exist_ok=True)
-            mutated.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            case = f"{config.relative_to(ROOT)}: {what}"
-            args = ["fit", "-c", str(mutated), *FAST, f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", *extra]
-            code = 0
-            try:
-                main(args)
-            except SystemExit as exit_info:
-                code = exit_info.code if isinstance(exit_info.code, int) else 1
-            except BaseException as err:  # noqa: BLE001 - any escaping exception is the failure under test
-                pytest.fail(f"{case}: escaped as {type(err).__name__}: {err}")
-            err_text = capsys.readouterr().err
-            tried += 1
-            outcomes[f"exit {code}"] = outcomes.get(f"exit {code}", 0) + 1
-            assert code in (0, 2, 3), f"{case}: exit code {code}\n{err_text[-2000:]}"
-            assert "Traceback" not in err_text and "usage:" not in err_text, f"{case}:\n{err_text[-2000:]}"
-            if code:
-                lines = [ln for ln in err_text.splitlines() if ln.startswith("tlframe: error: ")]
-                assert len(lines) == 1, f"{case}: expected one error line, got:\n{err_text[-2000:]}"
-    print(f"{tried} mutated inputs of {len(CONFIGS)} shipped configs: {sorted(outcomes.items())}")
-    assert tried == PER_CONFIG * len(CONFIGS) and outcomes.get("exit 0", 0) > 0 and outcomes.get("exit 2", 0) > 0
+    ci = CONFIGS.index(config)
+    rng = random.Random(1000 + ci)
+    outcomes: list[tuple[str, int]] = []
+    for kind in rng.sample(KINDS, PER_CONFIG):
+        cfg, extra, what = mutate(yaml.safe_load(config.read_text()), kind, rng, truncated)
+        mutated = tmp_path / "mutated" / f"{ci:02d}_{kind}.yaml"
+        mutated.parent.mkdir(exist_ok=True)
+        mutated.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        case = f"{config.relative_to(ROOT)}: {what}"
+        args = ["fit", "-c", str(mutated), *FAST, f"--trainer.logger.init_args.save_dir={tmp_path / 'out'}", *extra]
+        code = 0
+        try:
+            main(args)
+        except SystemExit as exit_info:
+            code = exit_info.code if isinstance(exit_info.code, int) else 1
+        except BaseException as err:  # noqa: BLE001 - any escaping exception is the failure under test
+            pytest.fail(f"{case}: escaped as {type(err).__name__}: {err}")
+        err_text = capsys.readouterr().err
+        outcomes.append((what, code))
+        assert code in (0, 2, 3), f"{case}: exit code {code}\n{err_text[-2000:]}"
+        assert "Traceback" not in err_text and "usage:" not in err_text, f"{case}:\n{err_text[-2000:]}"
+        if extra or kind == "class_path":  # a truncated checkpoint or a class that does not exist: always bad input
+            assert code == 2, f"{case}: accepted (exit {code}); bad input must end with exit code 2"
+        if code:
+            lines = [ln for ln in err_text.splitlines() if ln.startswith("tlframe: error: ")]
+            assert len(lines) == 1, f"{case}: expected one error line, got:\n{err_text[-2000:]}"
+    print(f"{config.relative_to(ROOT)}: {outcomes}")
+    assert len(outcomes) == PER_CONFIG
     assert snapshot(earlier) == before  # nothing written earlier changed
-    assert snapshot(ROOT / "configs") == shipped  # the shipped configs were only read
+    assert snapshot(config.parent) == shipped  # the shipped configs were only read
