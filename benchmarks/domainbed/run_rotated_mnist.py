@@ -129,6 +129,20 @@ def reference_table(algorithms: Sequence[str]) -> str:
                                    if a in REFERENCE])
 
 
+def coverage(results: Sequence[RunResult], args: argparse.Namespace) -> str:
+    """What part of the full grid (these algorithms x every held-out domain x 3 seeds at DomainBed's budget) the
+    table holds, so that a partial table says what remains."""
+    done = sum(r.ok for r in results)
+    full = len(args.algorithms) * len(ROTATED_MNIST_ANGLES) * 3
+    if done == full and args.steps == DOMAINBED_STEPS:
+        return f"Complete: {done} runs ({len(args.algorithms)} algorithms x 6 held-out domains x 3 seeds)."
+    return (f"**Partial: {done} finished run(s)** of the {full} of the full grid ({len(args.algorithms)} algorithms x "
+            f"6 held-out domains x 3 seeds at {DOMAINBED_STEPS:,} steps); held-out domains here: "
+            f"{', '.join(f'{ROTATED_MNIST_ANGLES[d]}°' for d in args.test_domains)}; seeds: "
+            f"{', '.join(map(str, args.seeds))}. What remains: the runs not in the table (rerun the command with "
+            "the missing `--test-domains` / `--seeds`, and without `--steps` for DomainBed's budget).")
+
+
 def render(results: Sequence[RunResult], args: argparse.Namespace, command: str, out: Path) -> str:
     partial = args.steps != DOMAINBED_STEPS
     lines = [
@@ -139,6 +153,8 @@ def render(results: Sequence[RunResult], args: argparse.Namespace, command: str,
         "",
         f"**Budget: {args.steps:,} steps per run**" + (f" (DomainBed: {DOMAINBED_STEPS:,}): not comparable with "
                                                       "DomainBed's numbers" if partial else ", DomainBed's") + ".",
+        "",
+        coverage(results, args),
         "",
         "Held-out domain accuracy (%, its `in` split, as DomainBed reports) at the checkpoint chosen by "
         "**training-domain validation** (the evaluation step, one per 100 steps, with the best mean accuracy over "

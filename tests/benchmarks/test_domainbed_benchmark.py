@@ -71,4 +71,6 @@ def test_one_shortened_real_run_and_its_table(shared_data, tmp_path):
     assert done["selection"]["test_domain_oracle"]["test_acc"] == chosen["test_acc"]  # one evaluation: the same one
     text = (tmp_path / "dg.md").read_text()
     assert "**Budget: 100 steps per run** (DomainBed: 5,000): not comparable" in text
+    assert "**Partial: 1 finished run(s)** of the 18 of the full grid (1 algorithms x 6 held-out domains x 3 seeds" \
+        in text and "held-out domains here: 75°; seeds: 0." in text  # a partial table says what remains
     assert f"{100 * chosen['test_acc']:.1f} (n=1)" in text
