@@ -229,6 +229,57 @@ def test_resume_after_kill_reruns_only_unfinished_runs_and_records_failures(tmp_
     assert (killed.run_dir / "done.json").stat().st_mtime_ns == stamp
 
 
+def test_a_sweep_killed_mid_run_resumes_that_run_from_its_checkpoint_and_ends_like_an_uninterrupted_one(tmp_path):
+    """SIGKILL to the sweep and its run together (a SLURM time limit, a preemption, a closed session) mid-epoch;
+    the sweep again resumes the run from ``last.ckpt``: same final weights, same metrics as a run never stopped."""
+    import signal
+    import time
+
+    import torch
+
+    args = [*QUICK[:5], "--data.iters_per_epoch=6", "--trainer.max_epochs=2", "--trainer.deterministic=true",
+            "--checkpoint.every_n_train_steps=4", "--model.strategy=tlframe.strategies.DANN",
+            "--model.bottleneck_dropout=0.5", "--data.train_augmentation=crop_flip"]
+    whole = write_sweep(tmp_path / "whole", {**quick_spec(tmp_path / "whole" / "out"), "args": args})
+    killed = write_sweep(tmp_path / "killed", {**quick_spec(tmp_path / "killed" / "out"), "args": args})
+    assert tlframe("sweep", str(whole), cwd=tmp_path).returncode == 0
+    run = sw.load_sweep(killed).runs[0]
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "tlframe", "sweep", str(killed)], cwd=tmp_path, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    step, deadline = 0, time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.exists():
+                os.killpg(proc.pid, signal.SIGSTOP)
+                step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+                if step % 6:  # mid-epoch: kill the sweep and its run
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
+                os.killpg(proc.pid, signal.SIGCONT)
+            time.sleep(0.05)
+    finally:
+        if not step % 6:  # no mid-epoch checkpoint came: stop the sweep, fail below
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and step % 6, "the run ended before a mid-epoch checkpoint"
+    assert not (run.run_dir / "done.json").exists() and not (run.run_dir / "failed.json").exists()
+
+    again = tlframe("sweep", str(killed), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"done {run.hash}" in again.stdout and f"(resumed from {last})" in again.stdout
+    done = json.loads((run.run_dir / "done.json").read_text())
+    assert [a["resumed_from"] for a in done["attempts"]] == [None, str(last)]
+    reference = sw.load_sweep(whole).runs[0].run_dir
+    ref_done = json.loads((reference / "done.json").read_text())
+    assert done["scalars"] == ref_done["scalars"]  # every tag: last, max, min, step and count of points
+    final, ref = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+                  for d in (run.run_dir, reference))
+    assert final["global_step"] == ref["global_step"] == 12
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(value, final["state_dict"][key]), key
+
+
 def test_two_workers_four_runs_of_the_shipped_strategy_axis_then_report(tmp_path):
     """The strategy axis of configs/ablations/strategies_digits.yaml, end to end on tiny synthetic runs, 2 workers."""
     shipped = yaml.safe_load((ROOT / "configs/ablations/strategies_digits.yaml").read_text())

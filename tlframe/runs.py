@@ -4,20 +4,27 @@ The contract shared by ``tlframe sweep`` and the benchmark scripts:
 
 - a run lives in its own directory; ``done.json`` there (written atomically, only after the
   process exited with 0 and its metrics were read) means *finished*: the run is never redone;
-- a directory without ``done.json`` (a killed or failed attempt) is cleared and run again from
-  scratch, so a half-finished run is never counted;
+- an **interrupted** attempt (killed by a signal, or its process gone with the caller: a crash, ``kill -9``, a
+  SLURM time limit or preemption) **resumes from its ``last.ckpt``** (``--ckpt_path``, bit-exact as any tlframe
+  resume) when the spec names that checkpoint (:attr:`RunSpec.checkpoint`), the checkpoint is complete and the
+  command is the same, including the contents of every file it names (``attempt.json`` keeps that identity);
+- any other directory without ``done.json`` (a failed attempt, an edited command or config, no usable
+  checkpoint) is cleared and run again from scratch, so a half-finished run is never counted;
 - a failed attempt writes ``failed.json`` (exit code, log tail) and the caller moves on;
 - the process output goes to ``output.log`` in the run directory;
 - a run is **locked** while it runs: ``<run_dir>.lock`` is created exclusively (``O_CREAT | O_EXCL``, which
   also holds on NFS and other shared file systems, so SLURM array tasks and several sweep processes on one
   folder never run the same run twice) and its modification time is refreshed every
-  :data:`LOCK_HEARTBEAT_S`; another process finds it held and moves on ("busy"). A lock whose holder died
-  (the same host and its pid gone, or no refresh for :data:`LOCK_STALE_S`) is taken over.
+  :data:`LOCK_HEARTBEAT_S`; another process finds it held and moves on ("busy"). The lock also names the
+  run's process (``child``). A lock whose holder died is taken over: on the same host once the holder's pid
+  *and* the run's are gone (a run orphaned by a killed sweep keeps its lock until it ends), from another host
+  once nobody refreshed it for :data:`LOCK_STALE_S`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +32,7 @@ import socket
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +41,9 @@ from typing import Any, Optional
 from tlframe.atomic import atomic_write_text
 
 __all__ = ["MetricError", "RunOutcome", "RunLock", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
-           "DONE", "FAILED", "log_tail", "worker_thread_env"]
+           "DONE", "FAILED", "ATTEMPT", "log_tail", "command_identity", "worker_thread_env"]
 
-DONE, FAILED = "done.json", "failed.json"
+DONE, FAILED, ATTEMPT = "done.json", "failed.json", "attempt.json"
 #: Seconds between refreshes of a held run lock, and age after which a lock nobody refreshes is stale.
 LOCK_HEARTBEAT_S, LOCK_STALE_S = 30.0, 600.0
 
@@ -47,16 +55,25 @@ class MetricError(RuntimeError):
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of the run's TensorBoard events, ``tag -> [(step, value), ...]`` in logging order.
 
-    Uses TensorBoard's own reader (``EventAccumulator``, all events kept, no sampling).
+    Uses TensorBoard's own reader (``EventAccumulator``, all events kept, no sampling), one events file at a
+    time in the order they were written (their names start with the creation time). A later file is a resumed
+    attempt: where it logs a tag, its points replace the earlier files' points of that tag from its first step
+    on (what an interrupted attempt logged after its last checkpoint was trained again).
     """
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     files = sorted(Path(run_dir).glob("events.out.tfevents.*"))
     if not files:
         raise MetricError(f"no TensorBoard events file in {run_dir}")
-    acc = EventAccumulator(str(run_dir), size_guidance={SCALARS: 0})
-    acc.Reload()
-    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()[SCALARS]}
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for file in files:
+        acc = EventAccumulator(str(file), size_guidance={SCALARS: 0})
+        acc.Reload()
+        for tag in acc.Tags()[SCALARS]:
+            points = [(int(e.step), float(e.value)) for e in acc.Scalars(tag)]
+            if points:
+                scalars[tag] = [p for p in scalars.get(tag, []) if p[0] < points[0][0]] + points
+    return scalars
 
 
 def scalar_stats(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, dict[str, Any]]:
@@ -101,6 +118,19 @@ def worker_thread_env(workers: int, cpus: Optional[int] = None,
     return {var: threads for var in THREAD_VARS}
 
 
+def _alive(pid: Any) -> bool:
+    """Whether a process ``pid`` exists on this host (False for a non-int)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -136,16 +166,15 @@ class RunLock:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
             return False
-        if age > self.stale_s:
-            return True
         if holder.get("host") == self.me["host"] and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                return False
-        return False
+            # this host: stale once the holder and the run it started are both gone, however old
+            return not any(_alive(holder.get(k)) for k in ("pid", "child"))
+        return age > self.stale_s
+
+    def note_child(self, pid: int) -> None:
+        """Record the run's process in the lock: while it lives (an orphan of a killed holder) the lock stays held."""
+        holder = self.holder() or {}
+        atomic_write_text(self.path, json.dumps({**self.me, "since": holder.get("since", utc_now()), "child": pid}))
 
     def _create(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +244,7 @@ class RunSpec:
     header: str = ""                                  # first line of output.log (the command)
     events_dir: Optional[Path] = None                 # where the TensorBoard events are (default run_dir)
     first_files: dict[str, Any] = field(default_factory=dict)  # JSON files written into run_dir before starting
+    checkpoint: Optional[Path] = None                 # the run's last.ckpt: an interrupted attempt resumes from it
 
 
 def default_summary(scalars: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, Any]:
@@ -248,31 +278,89 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
     try:
         if done.is_file():  # finished by the process that held the lock before us
             return RunOutcome("skipped", json.loads(done.read_text()))
-        return _execute_locked(spec, extra, summarize)
+        return _execute_locked(spec, extra, summarize, lock)
     finally:
         lock.release()
 
 
+def command_identity(argv: Sequence[str], cwd: Optional[Path] = None) -> str:
+    """SHA-256 of a command and of the contents of every existing file it names (``-c FILE``, ``--key=FILE``).
+
+    Two attempts of a run with the same identity train the same thing (up to the installed code), so the
+    second may resume from the first's checkpoint; an edited config or weights file changes it.
+    """
+    h = hashlib.sha256()
+    for arg in argv:
+        h.update(b"arg\0" + arg.encode() + b"\0")
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        path = Path(value) if Path(value).is_absolute() or cwd is None else Path(cwd) / value
+        try:
+            if value and path.is_file():
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                h.update(b"file\0" + digest.digest())
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def _resume_point(spec: RunSpec, identity: str) -> tuple[Optional[Path], list[dict[str, Any]]]:
+    """The checkpoint an interrupted attempt of ``spec`` left (None: start from scratch) and its attempts so far."""
+    if spec.checkpoint is None or not spec.run_dir.is_dir():
+        return None, []
+    try:
+        attempt = json.loads((spec.run_dir / ATTEMPT).read_text())
+    except (OSError, ValueError):
+        return None, []
+    try:
+        failed = json.loads((spec.run_dir / FAILED).read_text())
+    except FileNotFoundError:
+        failed = {"interrupted": True}
+    except (OSError, ValueError):
+        failed = {}
+    if (attempt.get("identity") != identity or not failed.get("interrupted")
+            or not zipfile.is_zipfile(spec.checkpoint)):  # torch.save writes a zip archive; a torn one is not
+        return None, []
+    return Path(spec.checkpoint), list(attempt.get("attempts") or [])
+
+
 def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
-                    summarize: Callable[[dict[str, list[tuple[int, float]]]], dict[str, Any]]) -> RunOutcome:
+                    summarize: Callable[[dict[str, list[tuple[int, float]]]], dict[str, Any]],
+                    lock: Optional[RunLock] = None) -> RunOutcome:
     done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
-    base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir)}
-    if spec.run_dir.exists():  # left over from a failed or interrupted attempt: start clean
+    identity = command_identity(spec.argv, spec.cwd)
+    resume, attempts = _resume_point(spec, identity)
+    argv = list(spec.argv) + ([f"--ckpt_path={resume}"] if resume is not None else [])
+    if resume is None and spec.run_dir.exists():  # left over from a failed or changed attempt: start clean
         shutil.rmtree(spec.run_dir)
-    spec.run_dir.mkdir(parents=True)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    failed.unlink(missing_ok=True)
+    attempts.append({"started_utc": utc_now(), "host": socket.gethostname(),
+                     "resumed_from": None if resume is None else str(resume)})
+    write_json_atomic(spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+    base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir), "attempts": attempts}
     for name, obj in spec.first_files.items():
         write_json_atomic(spec.run_dir / name, obj)
     output = spec.run_dir / "output.log"
     start = time.perf_counter()
-    with output.open("w") as f:
-        f.write((spec.header or " ".join(spec.argv)) + "\n\n")
+    with output.open("a" if resume is not None else "w") as f:
+        if resume is not None:
+            f.write(f"\n\n# {utc_now()}: the attempt above was interrupted; resuming from {resume}\n")
+        f.write((spec.header or " ".join(spec.argv)) + (f" --ckpt_path={resume}" if resume is not None else "") + "\n\n")
         f.flush()
-        proc = subprocess.run(spec.argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **spec.env},
-                              cwd=spec.cwd)
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **spec.env},
+                                cwd=spec.cwd)
+        if lock is not None:
+            lock.note_child(proc.pid)
+        proc.wait()
     wall = time.perf_counter() - start
     error = ""
     record: dict[str, Any] = {}
-    if proc.returncode != 0:
+    if proc.returncode < 0:  # killed by a signal: interrupted, not failed by itself
+        error = f"interrupted by signal {-proc.returncode}; see {output}"
+    elif proc.returncode != 0:
         error = f"exit code {proc.returncode}; see {output}"
     else:
         try:
@@ -281,7 +369,8 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
             error = str(err)
     if error:
         write_json_atomic(failed, {**base, "exit_code": proc.returncode, "error": error, "log_tail": log_tail(output),
-                                   "wall_s": round(wall, 2), "finished_utc": utc_now()})
+                                   "interrupted": proc.returncode < 0, "wall_s": round(wall, 2),
+                                   "finished_utc": utc_now()})
         return RunOutcome("failed", error=error, wall_s=wall)
     record = {**base, **record, "wall_s": round(wall, 2), "finished_utc": utc_now()}
     write_json_atomic(done, record)

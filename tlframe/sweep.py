@@ -442,10 +442,13 @@ def load_sweep(path: str | os.PathLike, out: Optional[str] = None) -> Sweep:
 
 # --------------------------------------------------------------------------- running
 def run_one(run: Run) -> RunOutcome:
-    """Run one point (skipped when its ``done.json`` exists); ``args.json`` is written before it starts."""
+    """Run one point (skipped when its ``done.json`` exists); ``args.json`` is written before it starts.
+
+    An interrupted ``fit`` point resumes from its ``checkpoints/last.ckpt`` (:func:`tlframe.runs.execute_run`)."""
     info = run.info()
     spec = RunSpec(run.run_dir, run.argv(), env=run.env, needs=[Path(p) for p in run.needs],
-                   header=info["command_line"], first_files={"args.json": info})
+                   header=info["command_line"], first_files={"args.json": info},
+                   checkpoint=run.run_dir / "checkpoints" / "last.ckpt" if run.command == "fit" else None)
     return execute_run(spec, extra={"hash": run.hash, "point": run.point, "seed": run.seed})
 
 
@@ -483,7 +486,10 @@ class Progress:
             if outcome.status == "skipped":
                 text = f"skipped {run.hash} ({run.label}): done.json found"
             elif outcome.ok:
-                text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}"
+                attempts = (outcome.record or {}).get("attempts") or []
+                resumed = f" (resumed from {attempts[-1]['resumed_from']})" if attempts and attempts[-1].get(
+                    "resumed_from") else ""
+                text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}{resumed}"
             elif outcome.status == "busy":
                 text = f"skipped {run.hash} ({run.label}): {outcome.error}"
             else:

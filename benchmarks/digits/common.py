@@ -3,7 +3,8 @@
 - :func:`run_cell`: run one ``tlframe fit`` as a subprocess, resumably, with the run contract of
   ``tlframe sweep`` (:func:`tlframe.runs.execute_run`): a run directory that holds ``done.json``
   is skipped; a successful run writes ``done.json`` atomically; a failed run writes ``failed.json``
-  (exit code, log tail), no ``done.json``, so it is retried next time, and is reported as failed.
+  (exit code, log tail), no ``done.json``, so it is retried next time, and is reported as failed; an
+  interrupted run (killed, or its runner gone) resumes from its ``last.ckpt`` when its command is unchanged.
 - the **run ledger** (:data:`LEDGER`, committed with the results): every finished cell's ``done.json`` record,
   keyed by the cell's name and its identity (:func:`cell_identity`: the content of its config files and its
   arguments). Run folders live under the git-ignored ``benchmarks/runs/`` and do not survive a fresh checkout;
@@ -228,13 +229,16 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
         return RunResult(cell, "recorded", recorded)
     if not cell.done_file.is_file() and all(p.is_file() for p in cell.needs):
         log(f"  {cell.label}: running ...")
-    spec = RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command())
+    spec = RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command(),
+                   checkpoint=cell.run_dir / "checkpoints" / "last.ckpt")
     outcome = execute_run(spec, extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
                           summarize=summarize_scalars)
     if outcome.status == "skipped":
         log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {outcome.record['last']:.4f}")
     elif outcome.ok:
-        log(f"  {cell.label}: done in {outcome.wall_s:.0f} s, {TARGET_METRIC} last {outcome.record['last']:.4f}")
+        attempts = outcome.record.get("attempts") or []
+        resumed = " (resumed from last.ckpt)" if attempts and attempts[-1].get("resumed_from") else ""
+        log(f"  {cell.label}: done in {outcome.wall_s:.0f} s{resumed}, {TARGET_METRIC} last {outcome.record['last']:.4f}")
     else:
         tail = log_tail(cell.run_dir / "output.log") if outcome.error.startswith("exit code") else ""
         log(f"  {cell.label}: FAILED ({outcome.error})" + (f"\n{tail}" if tail else ""))
