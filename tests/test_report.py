@@ -21,13 +21,14 @@ def _stats(values: list[float]) -> dict:
 
 def make_sweep(root: Path) -> Path:
     """Axes method x lr, seeds 0-2. a/0.1: 3 done; a/1.0: 2 done + 1 failed; b/0.1: 1 done, 1 unfinished, 1 not run;
-    b/1.0: nothing finished (1 failed, 2 not run)."""
+    b/1.0: nothing finished (1 failed, 1 interrupted: unfinished, 1 not run)."""
     curves = {  # (method, lr, seed) -> val/target_acc over epochs; val/source_acc = target + 0.1
         ("a", "0.1", 0): [0.5, 0.7, 0.6], ("a", "0.1", 1): [0.6, 0.8], ("a", "0.1", 2): [0.7, 0.9, 0.8],
         ("a", "1.0", 0): [0.2, 0.3], ("a", "1.0", 1): [0.4, 0.5],
         ("b", "0.1", 2): [0.95, 0.9],
     }
-    status = {("a", "1.0", 2): "failed", ("b", "0.1", 0): "unfinished", ("b", "1.0", 0): "failed"}
+    status = {("a", "1.0", 2): "failed", ("b", "0.1", 0): "unfinished", ("b", "1.0", 0): "failed",
+              ("b", "1.0", 1): "interrupted"}
     runs = []
     for method in ("a", "b"):
         for lr in ("0.1", "1.0"):
@@ -47,6 +48,10 @@ def make_sweep(root: Path) -> Path:
                     (run_dir / "failed.json").write_text(json.dumps({"exit_code": 1, "error": "exit code 1; see log"}))
                 elif status.get(key) == "unfinished":
                     run_dir.mkdir(parents=True)
+                elif status.get(key) == "interrupted":  # killed by a signal: resumes from last.ckpt next time
+                    run_dir.mkdir(parents=True)
+                    (run_dir / "failed.json").write_text(json.dumps({"exit_code": -9, "interrupted": True,
+                                                                     "error": "interrupted by signal 9; see log"}))
     (root / "sweep.json").write_text(json.dumps({"axes": ["method", "lr"], "seeds": [0, 1, 2], "runs": runs}))
     return root
 
@@ -78,7 +83,7 @@ def test_table_values_counts_and_missing_runs(tmp_path):
     assert report.runs_cell(a01) == "3/3"
     assert report.runs_cell(by_point[("a", "1.0")]) == "2/3; 1 failed"
     assert report.runs_cell(by_point[("b", "0.1")]) == "1/3; 1 unfinished, 1 not run"
-    assert report.runs_cell(by_point[("b", "1.0")]) == "0/3; 1 failed, 2 not run"
+    assert report.runs_cell(by_point[("b", "1.0")]) == "0/3; 1 failed, 1 unfinished, 1 not run"
     text = report.render_markdown(rows, axes, ["val/target_acc", report.ORACLE])
     lines = text.splitlines()
     assert "| method | lr | val/target_acc | oracle: max val/target_acc | n | runs |" in lines
@@ -86,7 +91,7 @@ def test_table_values_counts_and_missing_runs(tmp_path):
     assert f"| a | 0.1 | 0.7333 ± {std:.4f} | 0.8000 ± 0.1000 | 3 | 3/3 |" in lines
     assert "| a | 1.0 | 0.4000 ± 0.1414 | 0.4000 ± 0.1414 | 2 | 2/3; 1 failed |" in lines
     assert "| b | 0.1 | 0.9000 | 0.9500 | 1 | 1/3; 1 unfinished, 1 not run |" in lines
-    assert "| b | 1.0 | – | – | 0 | 0/3; 1 failed, 2 not run |" in lines
+    assert "| b | 1.0 | – | – | 0 | 0/3; 1 failed, 1 unfinished, 1 not run |" in lines
     assert "sample standard deviation over seeds (ddof=1)" in text and "Not a valid result" in text
     assert "- `a10s2` (method=a lr=1.0 seed=2): failed: exit code 1; see log" in lines
     assert "- `b01s1` (method=b lr=0.1 seed=1): not run" in lines
@@ -105,7 +110,7 @@ def test_ranking_and_csv(tmp_path):
     assert table[0] == ["method", "lr", "val/target_acc mean", "val/target_acc std", "n", "failed", "unfinished", "not_run"]
     assert table[1] == ["b", "0.1", "0.9", "", "1", "0", "1", "1"]
     assert table[2][:2] == ["a", "0.1"] and float(table[2][2]) == pytest.approx(0.7333333) and table[2][4:] == ["3", "0", "0", "0"]
-    assert table[4] == ["b", "1.0", "", "", "0", "1", "0", "2"]
+    assert table[4] == ["b", "1.0", "", "", "0", "1", "1", "1"]
     assert report.render_csv(ranked, axes, ["val/target_acc"], stderr=True).startswith(
         "method,lr,val/target_acc mean,val/target_acc stderr,")
 

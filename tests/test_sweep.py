@@ -198,6 +198,19 @@ def test_gpu_pinning_one_gpu_per_running_run(tmp_path, monkeypatch):
     assert sw.visible_gpus() == ["2", "7"]
 
 
+def test_list_tells_an_interrupted_run_from_a_failed_one(tmp_path, capsys):
+    path = write_sweep(tmp_path, quick_spec(tmp_path / "out", grid={"model.lr": [0.01, 0.02, 0.03]}))
+    interrupted, failed, _ = sw.load_sweep(path).runs
+    for run, record in ((interrupted, {"exit_code": -9, "interrupted": True}), (failed, {"exit_code": 1})):
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "failed.json").write_text(json.dumps(record))
+    assert sw.main([str(path), "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    status = {run.hash: next(ln for ln in lines if run.hash in ln) for run in sw.load_sweep(path).runs}
+    assert " unfinished " in status[interrupted.hash] and " failed " in status[failed.hash]
+    assert " not run " in status[sw.load_sweep(path).runs[2].hash]
+
+
 # --------------------------------------------------------------------------- real tiny runs
 def test_resume_after_kill_reruns_only_unfinished_runs_and_records_failures(tmp_path):
     spec = quick_spec(tmp_path / "out", grid={"model.lr": [0.01, 0.02, "oops"]})

@@ -169,7 +169,7 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
         done, failed = _read_json(run_dir / DONE), _read_json(run_dir / FAILED)
         if done is not None:
             entry = RunEntry(p["hash"], p["point"], p["seed"], "done", done)
-        elif failed is not None:
+        elif failed is not None and not failed.get("interrupted"):  # an interrupted run resumes: unfinished
             entry = RunEntry(p["hash"], p["point"], p["seed"], "failed", failed, failed.get("error", ""))
         else:
             entry = RunEntry(p["hash"], p["point"], p["seed"], "unfinished" if run_dir.exists() else "not run")

@@ -30,8 +30,8 @@ Sweep file (paths relative to the sweep file's folder)::
 
 Every run gets ``<out>/runs/<hash>/`` where ``hash`` is the first 12 hex digits of the SHA-256 of its
 resolved arguments (command, the contents of its config files, overrides, seed): the same arguments always
-map to the same folder and an edited config file to a new one, so rerunning a sweep skips runs that hold ``done.json`` and restarts unfinished ones from scratch
-(see :mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
+map to the same folder and an edited config file to a new one, so rerunning a sweep skips runs that hold ``done.json``,
+resumes interrupted ones from their ``last.ckpt`` and restarts failed ones from scratch (see :mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
 ``output.log`` are in that folder. ``<out>/sweep.json`` lists every planned run (used by ``tlframe report``).
 
 Baselines (see :mod:`tlframe.baselines`) are derived from each run's fully resolved config, written to
@@ -597,7 +597,11 @@ def _status(run: Run) -> str:
     if RunLock(run.run_dir).holder() is not None:
         return "running"
     if (run.run_dir / FAILED).is_file():
-        return "failed"
+        try:
+            interrupted = json.loads((run.run_dir / FAILED).read_text()).get("interrupted")
+        except (OSError, ValueError):
+            interrupted = False
+        return "unfinished" if interrupted else "failed"
     return "unfinished" if run.run_dir.exists() else "not run"
 
 
