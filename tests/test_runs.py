@@ -156,6 +156,8 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_keeps_the_scala
     assert (x["count"], x["min"], x["last"], x["step"]) == (6, 0.0, 105.0, 5)
     attempts = outcome.record["attempts"]
     assert [a["resumed_from"] for a in attempts] == [None, str(spec.checkpoint)]
+    assert all(a["wall_s"] > 0 and "wall_s_estimated" not in a for a in attempts)  # both ends seen by execute_run
+    assert outcome.record["wall_s"] == pytest.approx(sum(a["wall_s"] for a in attempts), abs=0.02)
     assert not (spec.run_dir / "failed.json").exists()
     assert json.loads((spec.run_dir / "done.json").read_text())["attempts"] == attempts
 
@@ -165,8 +167,13 @@ def test_a_run_killed_with_its_runner_resumes_too(tmp_path):
     spec, _ = _fake_fit_spec(tmp_path)
     _interrupt(spec)
     (spec.run_dir / "failed.json").unlink()
+    attempt = json.loads((spec.run_dir / "attempt.json").read_text())
+    first = attempt["attempts"][0].pop("wall_s")  # its runner died too: nobody saw it end
+    (spec.run_dir / "attempt.json").write_text(json.dumps(attempt))
     outcome = execute_run(spec)
     assert outcome.status == "done" and outcome.record["attempts"][-1]["resumed_from"] == str(spec.checkpoint)
+    estimated = outcome.record["attempts"][0]
+    assert estimated["wall_s_estimated"] is True and first - 1.0 <= estimated["wall_s"] <= first + 1.0  # to its last file
 
 
 @pytest.mark.parametrize("change", ["edited config", "failed by itself", "torn checkpoint", "no checkpoint in the spec"])

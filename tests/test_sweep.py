@@ -283,6 +283,8 @@ def test_a_sweep_killed_mid_run_resumes_that_run_from_its_checkpoint_and_ends_li
     assert f"done {run.hash}" in again.stdout and f"(resumed from {last})" in again.stdout
     done = json.loads((run.run_dir / "done.json").read_text())
     assert [a["resumed_from"] for a in done["attempts"]] == [None, str(last)]
+    assert done["attempts"][0]["wall_s_estimated"] is True and done["attempts"][0]["wall_s"] > 0  # died with its sweep
+    assert done["wall_s"] == pytest.approx(sum(a["wall_s"] for a in done["attempts"]), abs=0.02)
     reference = sw.load_sweep(whole).runs[0].run_dir
     ref_done = json.loads((reference / "done.json").read_text())
     assert done["scalars"] == ref_done["scalars"]  # every tag: last, max, min, step and count of points

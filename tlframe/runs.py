@@ -148,6 +148,7 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.taken_over: Optional[float] = None  # mtime of the stale lock this one replaced (time.time() scale)
 
     def holder(self) -> Optional[dict[str, Any]]:
         """Who holds the lock (host, pid, since), or None when it is free."""
@@ -191,6 +192,7 @@ class RunLock:
             if not self._stale():
                 return False
             try:  # break the stale lock: only one process wins the rename
+                self.taken_over = self.path.stat().st_mtime  # the dead holder's last sign of life
                 os.rename(self.path, f"{self.path}.stale.{self.me['host']}.{self.me['pid']}")
             except FileNotFoundError:
                 return False
@@ -326,18 +328,34 @@ def _resume_point(spec: RunSpec, identity: str) -> tuple[Optional[Path], list[di
     return Path(spec.checkpoint), list(attempt.get("attempts") or [])
 
 
+def _estimate_wall(attempt: dict[str, Any], run_dir: Path, lock: Optional[RunLock]) -> dict[str, Any]:
+    """``attempt`` with ``wall_s`` up to its last sign of life: the newest file it wrote, or the last heartbeat of
+    the lock its dead runner held (``wall_s_estimated: true``)."""
+    ends = [p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file() and p.name != ATTEMPT]
+    if lock is not None and lock.taken_over is not None:
+        ends.append(lock.taken_over)
+    try:
+        start = _dt.datetime.fromisoformat(attempt["started_utc"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        return {**attempt, "wall_s": 0.0, "wall_s_estimated": True}
+    return {**attempt, "wall_s": round(max([start, *ends]) - start, 2), "wall_s_estimated": True}
+
+
 def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
                     summarize: Callable[[dict[str, list[tuple[int, float]]]], dict[str, Any]],
                     lock: Optional[RunLock] = None) -> RunOutcome:
     done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
     identity = command_identity(spec.argv, spec.cwd)
     resume, attempts = _resume_point(spec, identity)
+    if attempts and "wall_s" not in attempts[-1]:  # it died with its runner: it ended at the last sign of life
+        attempts[-1] = _estimate_wall(attempts[-1], spec.run_dir, lock)
     argv = list(spec.argv) + ([f"--ckpt_path={resume}"] if resume is not None else [])
     if resume is None and spec.run_dir.exists():  # left over from a failed or changed attempt: start clean
         shutil.rmtree(spec.run_dir)
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     failed.unlink(missing_ok=True)
-    attempts.append({"started_utc": utc_now(), "host": socket.gethostname(),
+    attempts.append({"started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+                     "host": socket.gethostname(),
                      "resumed_from": None if resume is None else str(resume)})
     write_json_atomic(spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
     base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir), "attempts": attempts}
@@ -356,6 +374,9 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
             lock.note_child(proc.pid)
         proc.wait()
     wall = time.perf_counter() - start
+    attempts[-1]["wall_s"] = round(wall, 2)
+    write_json_atomic(spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+    total = round(sum(a["wall_s"] for a in attempts), 2)
     error = ""
     record: dict[str, Any] = {}
     if proc.returncode < 0:  # killed by a signal: interrupted, not failed by itself
@@ -369,9 +390,9 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
             error = str(err)
     if error:
         write_json_atomic(failed, {**base, "exit_code": proc.returncode, "error": error, "log_tail": log_tail(output),
-                                   "interrupted": proc.returncode < 0, "wall_s": round(wall, 2),
+                                   "interrupted": proc.returncode < 0, "wall_s": total,
                                    "finished_utc": utc_now()})
         return RunOutcome("failed", error=error, wall_s=wall)
-    record = {**base, **record, "wall_s": round(wall, 2), "finished_utc": utc_now()}
+    record = {**base, **record, "wall_s": total, "finished_utc": utc_now()}
     write_json_atomic(done, record)
     return RunOutcome("done", record, wall_s=wall)
