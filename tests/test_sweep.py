@@ -470,3 +470,18 @@ def test_the_shipped_multi_source_sweep_parses(tmp_path, capsys):
             assert strategy["init_args"].get("num_domains") == (4 if setting == "three_dann" else None)
         else:
             assert cfg["data"]["source"]["init_args"]["root"].endswith(setting.split("_")[0])
+
+
+def test_the_shipped_mcd_budget_sweep_is_the_table_config_at_ten_times_its_batches(tmp_path, capsys):
+    sweep = sw.load_sweep(ROOT / "configs" / "digits" / "usps2mnist" / "mcd_budget_sweep.yaml", out=str(tmp_path))
+    (run,) = sweep.runs
+    configs = [a for c in run.configs for a in ("-c", c)]
+    with pytest.raises(SystemExit) as exit_info:
+        tlframe_main(["fit", *configs, *run.args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    table = yaml.safe_load((ROOT / "configs" / "digits" / "usps2mnist" / "mcd.yaml").read_text())
+    assert cfg["trainer"]["max_epochs"] == 10 * table["trainer"]["max_epochs"] and cfg["seed_everything"] == 0
+    assert cfg["model"]["strategy"]["class_path"].endswith("MCD") and cfg["data"]["iters_per_epoch"] == 500
+    # a fixed learning rate: the long run's state after b batches is the state a b-batch run ends with
+    assert cfg["model"]["scheduler"]["init_args"]["gamma"] == 0.0
