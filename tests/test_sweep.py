@@ -472,16 +472,21 @@ def test_the_shipped_multi_source_sweep_parses(tmp_path, capsys):
             assert cfg["data"]["source"]["init_args"]["root"].endswith(setting.split("_")[0])
 
 
-def test_the_shipped_mcd_budget_sweep_is_the_table_config_at_ten_times_its_batches(tmp_path, capsys):
+def test_the_shipped_mcd_budget_sweep_changes_only_the_batch_size_or_the_number_of_batches(tmp_path, capsys):
     sweep = sw.load_sweep(ROOT / "configs" / "digits" / "usps2mnist" / "mcd_budget_sweep.yaml", out=str(tmp_path))
-    (run,) = sweep.runs
-    configs = [a for c in run.configs for a in ("-c", c)]
-    with pytest.raises(SystemExit) as exit_info:
-        tlframe_main(["fit", *configs, *run.args, "--print_config"])
-    assert exit_info.value.code in (0, None)
-    cfg = yaml.safe_load(capsys.readouterr().out)
     table = yaml.safe_load((ROOT / "configs" / "digits" / "usps2mnist" / "mcd.yaml").read_text())
-    assert cfg["trainer"]["max_epochs"] == 10 * table["trainer"]["max_epochs"] and cfg["seed_everything"] == 0
-    assert cfg["model"]["strategy"]["class_path"].endswith("MCD") and cfg["data"]["iters_per_epoch"] == 500
-    # a fixed learning rate: the long run's state after b batches is the state a b-batch run ends with
-    assert cfg["model"]["scheduler"]["init_args"]["gamma"] == 0.0
+    cfgs = {}
+    for run in sweep.runs:
+        configs = [a for c in run.configs for a in ("-c", c)]
+        with pytest.raises(SystemExit) as exit_info:
+            tlframe_main(["fit", *configs, *run.args, "--print_config"])
+        assert exit_info.value.code in (0, None)
+        cfgs[run.point["recipe"]] = yaml.safe_load(capsys.readouterr().out)
+    assert sorted(cfgs) == ["batch_128", "batches_50000"] and {r.seed for r in sweep.runs} == {0}
+    wide, long = cfgs["batch_128"], cfgs["batches_50000"]
+    assert (wide["data"]["batch_size"], wide["trainer"]["max_epochs"]) == (128, table["trainer"]["max_epochs"])
+    assert (long["data"]["batch_size"], long["trainer"]["max_epochs"]) == (64, 10 * table["trainer"]["max_epochs"])
+    for cfg in (wide, long):
+        assert cfg["model"]["strategy"]["class_path"].endswith("MCD") and cfg["data"]["iters_per_epoch"] == 500
+        # a fixed learning rate: the long run's state after b batches is the state a b-batch run ends with
+        assert cfg["model"]["scheduler"]["init_args"]["gamma"] == 0.0
