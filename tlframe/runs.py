@@ -233,6 +233,12 @@ class RunOutcome:
     def ok(self) -> bool:
         return self.status in ("done", "skipped")
 
+    @property
+    def resumed_from(self) -> Optional[str]:
+        """The checkpoint the last attempt resumed from (None: it started from scratch, or nothing ran)."""
+        attempts = (self.record or {}).get("attempts") or []
+        return attempts[-1].get("resumed_from") if attempts else None
+
 
 @dataclass
 class RunSpec:
@@ -357,7 +363,9 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
     attempts.append({"started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
                      "host": socket.gethostname(),
                      "resumed_from": None if resume is None else str(resume)})
-    write_json_atomic(spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+    write_attempts = lambda: write_json_atomic(  # noqa: E731
+        spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+    write_attempts()
     base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir), "attempts": attempts}
     for name, obj in spec.first_files.items():
         write_json_atomic(spec.run_dir / name, obj)
@@ -375,7 +383,7 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
         proc.wait()
     wall = time.perf_counter() - start
     attempts[-1]["wall_s"] = round(wall, 2)
-    write_json_atomic(spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+    write_attempts()
     total = round(sum(a["wall_s"] for a in attempts), 2)
     error = ""
     record: dict[str, Any] = {}

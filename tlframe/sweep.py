@@ -30,8 +30,9 @@ Sweep file (paths relative to the sweep file's folder)::
 
 Every run gets ``<out>/runs/<hash>/`` where ``hash`` is the first 12 hex digits of the SHA-256 of its
 resolved arguments (command, the contents of its config files, overrides, seed): the same arguments always
-map to the same folder and an edited config file to a new one, so rerunning a sweep skips runs that hold ``done.json``,
-resumes interrupted ones from their ``last.ckpt`` and restarts failed ones from scratch (see :mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
+map to the same folder and an edited config file to a new one, so rerunning a sweep skips runs that hold
+``done.json``, resumes interrupted ones from their ``last.ckpt`` and restarts failed ones from scratch (see
+:mod:`tlframe.runs`). ``args.json`` (human-readable) and the run's TensorBoard events, checkpoints and
 ``output.log`` are in that folder. ``<out>/sweep.json`` lists every planned run (used by ``tlframe report``).
 
 Baselines (see :mod:`tlframe.baselines`) are derived from each run's fully resolved config, written to
@@ -486,9 +487,7 @@ class Progress:
             if outcome.status == "skipped":
                 text = f"skipped {run.hash} ({run.label}): done.json found"
             elif outcome.ok:
-                attempts = (outcome.record or {}).get("attempts") or []
-                resumed = f" (resumed from {attempts[-1]['resumed_from']})" if attempts and attempts[-1].get(
-                    "resumed_from") else ""
+                resumed = f" (resumed from {outcome.resumed_from})" if outcome.resumed_from else ""
                 text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}{resumed}"
             elif outcome.status == "busy":
                 text = f"skipped {run.hash} ({run.label}): {outcome.error}"

@@ -236,8 +236,7 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
     if outcome.status == "skipped":
         log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {outcome.record['last']:.4f}")
     elif outcome.ok:
-        attempts = outcome.record.get("attempts") or []
-        resumed = " (resumed from last.ckpt)" if attempts and attempts[-1].get("resumed_from") else ""
+        resumed = " (resumed from last.ckpt)" if outcome.resumed_from else ""
         log(f"  {cell.label}: done in {outcome.wall_s:.0f} s{resumed}, {TARGET_METRIC} last {outcome.record['last']:.4f}")
     else:
         tail = log_tail(cell.run_dir / "output.log") if outcome.error.startswith("exit code") else ""
