@@ -309,7 +309,9 @@ def machine_lines() -> list[str]:
 
 
 def regen_command(script: Path, argv: Sequence[str]) -> str:
-    """The command line that regenerates a results file, relative to the repository root."""
+    """The command line that regenerates a results file, relative to the repository root (without
+    ``--collect-only``: the table's command is the one that runs what it shows)."""
+    argv = [a for a in argv if a != "--collect-only"]
     try:
         rel = script.resolve().relative_to(REPO)
     except ValueError:

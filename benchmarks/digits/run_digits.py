@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, display_path, failures_section,
+    LEDGER, ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cell, display_path, failures_section,
     format_cell, format_wall, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells,
     today, write_results,
 )
@@ -85,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "other (task, method) with a config is run")
     p.add_argument("--workers", type=int, default=1,
                    help="runs at a time, the CPU cores split between them (default 1)")
+    p.add_argument("--collect-only", action="store_true",
+                   help="start no run: table the finished and recorded ones (the others show as 'not run'), "
+                        "e.g. while a long table is still running elsewhere")
     return p.parse_args(argv)
 
 
@@ -323,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not cells:
             raise SystemExit("error: none of the selected cells has a published number: add --all-cells to run them")
     print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
-    results = run_source_models_first(cells, args.workers)
+    if args.collect_only:
+        results = [r for c in cells if (r := collect_cell(c)) is not None]
+    else:
+        results = run_source_models_first(cells, args.workers)
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today())
     return write_results(results_path, text, results, "run_digits")

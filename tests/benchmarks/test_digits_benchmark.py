@@ -185,6 +185,23 @@ def test_digits_runs_only_cells_with_a_reference_unless_all_cells(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "digits.md").exists()
 
 
+def test_collect_only_tables_the_finished_runs_and_starts_none(tmp_path):
+    args = ["--tasks", "mnist2usps", "--methods", "source_only", "dann", "--seeds", "0", "1", "--data-root",
+            str(tmp_path), "--out", str(tmp_path), "--results", str(tmp_path / "digits.md"), "--collect-only"]
+    finished = run_digits.build_cells(["mnist2usps"], ["source_only"], [0, 1], tmp_path, tmp_path, [])
+    for cell, acc in zip(finished, (0.80, 0.84)):
+        cell.run_dir.mkdir(parents=True)
+        cell.done_file.write_text(json.dumps({"last": acc, "last_step": 4999, "oracle_max_over_epochs": acc + 0.01,
+                                              "wall_s": 100.0}))
+    assert run_digits.main(args) == 0
+    lines = (tmp_path / "digits.md").read_text().splitlines()
+    assert "| source only | 82.0 ± 2.8 (n=2) | 82.1 | −0.1 ✓ | 5000 |" in lines
+    assert "| DANN | not run | 91.7 | – | – |" in lines
+    assert not (tmp_path / "runs" / "mnist2usps" / "dann").exists()  # nothing was started
+    regen = next(line for line in lines if line.startswith("Produced by"))
+    assert "--collect-only" not in regen and "--methods source_only dann" in regen
+
+
 def test_transfer_cells_commands(tmp_path):
     pre = run_transfer.pretrain_cell(0, tmp_path, Path("/data"), ["--x=1"])
     weights = run_transfer.pretrained_weights(pre)
