@@ -130,13 +130,17 @@ class Cell:
 @dataclass
 class RunResult:
     cell: Cell
-    status: str                # "done" (ran now), "skipped" (done.json found), "recorded" (ledger) or "failed"
-    record: Optional[dict[str, Any]] = None
+    status: str                # "done" (ran now), "skipped" (done.json found), "recorded" (ledger), "failed", or
+    record: Optional[dict[str, Any]] = None  # "busy" (running in another process: not finished, not failed)
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return self.status in ("done", "skipped", "recorded")
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
 
 def cell_identity(cell: Cell) -> str:
@@ -233,7 +237,9 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
                    checkpoint=cell.run_dir / "checkpoints" / "last.ckpt")
     outcome = execute_run(spec, extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
                           summarize=summarize_scalars)
-    if outcome.status == "skipped":
+    if outcome.status == "busy":
+        log(f"  {cell.label}: left to the process that runs it ({outcome.error})")
+    elif outcome.status == "skipped":
         log(f"  {cell.label}: skipped (done.json found), {TARGET_METRIC} last {outcome.record['last']:.4f}")
     elif outcome.ok:
         resumed = " (resumed from last.ckpt)" if outcome.resumed_from else ""
@@ -273,7 +279,7 @@ def cell_values(results: Iterable[RunResult], row: str, col: str, key: str) -> t
     """The ``done.json`` field ``key`` of the finished runs of one cell (in seed order), and the number of failed runs."""
     mine = sorted((r for r in results if r.cell.row == row and r.cell.col == col), key=lambda r: r.cell.seed)
     values = [float(r.record[key]) for r in mine if r.ok and r.record is not None and r.record.get(key) is not None]
-    return values, sum(1 for r in mine if not r.ok)
+    return values, sum(1 for r in mine if r.failed)
 
 
 def grid_table(results: Sequence[RunResult], rows: Sequence[tuple[str, str]], cols: Sequence[tuple[str, str]],
@@ -324,7 +330,7 @@ def today() -> str:
 
 
 def failures_section(results: Sequence[RunResult]) -> list[str]:
-    failed = [r for r in results if not r.ok]
+    failed = [r for r in results if r.failed]
     if not failed:
         return []
     return ["", "## Failed runs", "", *[f"- `{r.cell.label}`: {r.error}" for r in failed]]
@@ -347,6 +353,7 @@ def resolve_io(args, default_out: Path, default_results: Path) -> tuple[Path, Pa
 def write_results(path: Path, text: str, results: Sequence[RunResult], name: str) -> int:
     """Write the table atomically, say how many runs finished and failed; the exit code (1 if any failed)."""
     atomic_write_text(path, text)
-    n_failed = sum(not r.ok for r in results)
-    print(f"{name}: wrote {path} ({len(results) - n_failed} runs finished, {n_failed} failed)")
+    n_failed, n_busy = sum(r.failed for r in results), sum(r.status == "busy" for r in results)
+    busy = f", {n_busy} left to another process" if n_busy else ""
+    print(f"{name}: wrote {path} ({sum(r.ok for r in results)} runs finished, {n_failed} failed{busy})")
     return 1 if n_failed else 0

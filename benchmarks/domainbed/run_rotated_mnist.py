@@ -109,7 +109,7 @@ def table(results: Sequence[RunResult], algorithms: Sequence[str], test_domains:
         for d in test_domains:
             mine = [r for r in results if r.cell.row == a and r.cell.col == str(d)]
             values = [v for r in sorted(mine, key=lambda r: r.cell.seed) if (v := selected(r, method)) is not None]
-            failed = sum(not r.ok for r in mine)
+            failed = sum(r.failed for r in mine)
             line.append(format_cell([v / 100 for v in values], failed))
             if values:
                 means.append(sum(values) / len(values))

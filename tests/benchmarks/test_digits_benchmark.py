@@ -324,6 +324,24 @@ def test_the_ledger_keeps_finished_runs_across_checkouts_until_their_config_chan
     assert json.loads((ledger / "quick" / "seed0.json").read_text())["identity"] == common.cell_identity(cell)
 
 
+def test_a_cell_another_runner_holds_is_left_to_it_not_counted_as_failed(tmp_path, capsys):
+    from tlframe.runs import RunLock
+
+    cell = Cell(row="r", col="c", seed=0, out=tmp_path / "out", name="quick/seed0",
+                args=["-c", str(ROOT / "configs/quickstart.yaml")])
+    holder = RunLock(cell.run_dir)
+    assert holder.acquire()  # a second run_digits.py on the same folder is running this cell
+    lines: list[str] = []
+    result = common.run_cell(cell, log=lines.append)
+    holder.release()
+    assert result.status == "busy" and not result.ok and not result.failed
+    assert "quick/seed0: left to the process that runs it (running elsewhere" in lines[-1]
+    assert common.cell_values([result], "r", "c", "last") == ([], 0)  # shown as "not run", not as a failure
+    assert common.failures_section([result]) == []
+    assert common.write_results(tmp_path / "t.md", "table", [result], "run_digits") == 0
+    assert "0 runs finished, 0 failed, 1 left to another process" in capsys.readouterr().out
+
+
 def test_two_workers_split_the_cores_and_keep_the_cell_order(tmp_path, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cells = [Cell(row="r", col="c", seed=s, out=tmp_path, name=f"bad/seed{s}",
