@@ -129,9 +129,11 @@ class Cell:
 
 @dataclass
 class RunResult:
+    """One cell's outcome. ``status``: "done" (ran now), "skipped" (done.json found), "recorded" (ledger),
+    "failed", or "busy" (another process runs it: neither finished nor failed, tabled as "not run")."""
     cell: Cell
-    status: str                # "done" (ran now), "skipped" (done.json found), "recorded" (ledger), "failed", or
-    record: Optional[dict[str, Any]] = None  # "busy" (running in another process: not finished, not failed)
+    status: str
+    record: Optional[dict[str, Any]] = None
     error: str = ""
 
     @property
