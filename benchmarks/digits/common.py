@@ -331,6 +331,12 @@ def today() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def missing_value(results: Sequence[RunResult]) -> str:
+    """What a table shows for a cell with no finished run: "failed" when one of ``results`` (the cell's runs)
+    failed, else "not run" (not started yet, or left to another runner that holds it)."""
+    return "failed" if any(r.failed for r in results) else "not run"
+
+
 def failures_section(results: Sequence[RunResult]) -> list[str]:
     failed = [r for r in results if r.failed]
     if not failed:

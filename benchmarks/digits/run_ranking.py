@@ -34,8 +34,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from benchmarks.digits.rank_stats import weighted_kendall_tau  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, Cell, RunResult, display_path, failures_section, machine_lines, regen_command, resolve_io, run_cell,
-    run_cells, today, write_results,
+    REPO, Cell, RunResult, display_path, failures_section, machine_lines, missing_value, regen_command, resolve_io,
+    run_cell, run_cells, today, write_results,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -157,13 +157,15 @@ def render(tasks: dict[str, dict[str, Any]], zoo_results: dict[str, RunResult], 
         lines += [f"## {task}", "", "| candidate | fine-tuned acc % (mean ± std, n) | "
                   + " | ".join(("LogME", "LEEP", "NCE", "H-score", "reg. H-score")) + " |", "|---|---:|" + "---:|" * len(SCORES)]
         for r in sorted(t["rows"], key=lambda r: -(r["acc"] or 0)):
-            acc = (f"{100 * r['acc']:.1f} ± {100 * r['acc_std']:.1f} ({r['n']})" if r["acc"] is not None else "failed")
+            acc = (f"{100 * r['acc']:.1f} ± {100 * r['acc_std']:.1f} ({r['n']})" if r["acc"] is not None
+                   else r["missing"])
             lines.append(f"| {r['name']} | {acc} | " + " | ".join(
                 "n/a" if r[s] is None else f"{r[s]:.4f}" for s in SCORES) + " |")
         lines.append("")
     zoo_lines = [f"- {name}: " + (f"source validation accuracy {100 * res.record['source_acc_last']:.1f} %"
                                   if res.ok and res.record and res.record.get("source_acc_last") is not None
-                                  else f"FAILED ({res.error})" if not res.ok else "done")
+                                  else f"FAILED ({res.error})" if res.failed
+                                  else "left to another runner (not finished)" if res.status == "busy" else "done")
                  for name, res in zoo_results.items()]
     lines += ["## Setup", "",
               f"- zoo (`{display_path(ZOO_CONFIG)}`): `dann_cnn` trained from scratch, 1,500 SGD steps (batch 64), "
@@ -219,9 +221,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"run_ranking: scored {task} seed {seed}")
         rows = []
         for i, name in enumerate(r["name"] for r in per_seed[args.seeds[0]]):
-            accs = [res.record["last"] for res in results if res.ok and res.cell.row == task and res.cell.col == name]
+            mine = [res for res in results if res.cell.row == task and res.cell.col == name]
+            accs = [res.record["last"] for res in mine if res.ok]
             row = {"name": name, "acc": _mean(accs), "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                   "n": len(accs)}
+                   "n": len(accs), "missing": missing_value(mine)}
             row.update({s: _mean([per_seed[seed][i][s] for seed in args.seeds]) for s in SCORES})
             rows.append(row)
         tau = {}

@@ -42,8 +42,8 @@ from benchmarks.digits.rank_stats import (  # noqa: E402
     average_ranks, kendall_tau_b, pearson, spearman, weighted_kendall_tau,
 )
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, Cell, RunResult, display_path, failures_section, machine_lines, markdown_table, read_scalars,
-    regen_command, resolve_io, run_cells, today, write_results,
+    REPO, Cell, RunResult, display_path, failures_section, machine_lines, markdown_table, missing_value,
+    read_scalars, regen_command, resolve_io, run_cells, today, write_results,
 )
 
 CONFIGS = REPO / "configs" / "digits" / "mnist2usps"
@@ -293,7 +293,8 @@ def run_table(results: Sequence[RunResult], cands: Sequence[Candidate], seeds: S
         line = [STRATEGIES[strategy][0]]
         for s in seeds:
             mine = [c for c in cands if c.strategy == strategy and c.seed == s]
-            line.append(f"{_pct(mine[-1].get(TRUTH))} / {_pct(oracle(mine).get(TRUTH))}" if mine else "failed")
+            line.append(f"{_pct(mine[-1].get(TRUTH))} / {_pct(oracle(mine).get(TRUTH))}" if mine else missing_value(
+                [r for r in results if r.cell.row == strategy and r.cell.seed == s]))
         walls = [r.record["wall_s"] for r in results if r.cell.row == strategy and r.ok and r.record
                  and r.record.get("wall_s") is not None]
         line.append(f"{statistics.fmean(walls):.0f}" if walls else "–")

@@ -338,6 +338,9 @@ def test_a_cell_another_runner_holds_is_left_to_it_not_counted_as_failed(tmp_pat
     assert "quick/seed0: left to the process that runs it (running elsewhere" in lines[-1]
     assert common.cell_values([result], "r", "c", "last") == ([], 0)  # shown as "not run", not as a failure
     assert common.failures_section([result]) == []
+    assert common.missing_value([result]) == "not run"  # the ranking and validator tables say so too
+    failed = RunResult(cell=cell, status="failed", error="exit 1")
+    assert common.missing_value([result, failed]) == "failed"
     assert common.write_results(tmp_path / "t.md", "table", [result], "run_digits") == 0
     assert "0 runs finished, 0 failed, 1 left to another process" in capsys.readouterr().out
 
