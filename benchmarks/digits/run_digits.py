@@ -247,6 +247,11 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "MNIST-M target used the full 59,001-image train split; `../shared/data/mnist_m.tar.gz` holds its first "
         "30,000 (the test split is complete).",
         "",
+        "Methods with several update steps per batch, two views of the target, no source data or no training "
+        "(MCD, FixMatch, Mean Teacher, SHOT and SHOT-IM, AdaBN and TENT) have their rows, against TLlib's MCD and "
+        "the SHOT paper, in `digits_beyond_one_loss.md` (MNIST → USPS) and `digits_beyond_one_loss_usps2mnist.md` "
+        "(USPS → MNIST), made by `run_beyond_one_loss.py` with the same network, budget and run folders.",
+        "",
         "## Oracle (not a valid DA result)",
         "",
         f"Same runs; {ORACLE_NOTE}. Shown only to size the gap that model selection could close. TLlib's digits "
