@@ -21,6 +21,7 @@ __all__ = [
     "margin_disparity_discrepancy", "joint_mk_mmd", "batch_spectral_penalty", "adaptive_feature_norm", "coral",
     "l2_sp", "l2_penalty", "batch_spectral_shrinkage", "delta_feature_map_loss", "delta_channel_attention",
     "pseudo_label_loss", "consistency_loss", "sigmoid_rampup", "information_maximization", "classifier_discrepancy",
+    "mcd_class_balance",
 ]
 
 #: TLlib's ``entropy`` helper computes ``-sum_c p_c log(p_c + 1e-5)``; its MCC and CDAN+E weights use it.
@@ -574,6 +575,21 @@ def classifier_discrepancy(probs_1: torch.Tensor, probs_2: torch.Tensor) -> torc
     with torch.autocast(device_type=probs_1.device.type, enabled=False):
         dtype = _loss_dtype(probs_1, probs_2)
         return (probs_1.to(dtype) - probs_2.to(dtype)).abs().mean()
+
+
+def mcd_class_balance(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The target term of TLlib's MCD script (``tllib/alignment/mcd.py`` ``entropy``, weighted by
+    ``--trade-off-entropy``): ``-(1/K) sum_k log(mean_i p_ik + eps)`` for probabilities ``(N, K) -> ()``.
+
+    Despite TLlib's name it is **not** the prediction entropy: it is the cross-entropy of the uniform distribution
+    against the batch's mean prediction. Minimising it spreads the batch's predictions over all classes (minimum
+    ``-log(1/K + eps) ~ log K`` when every class gets the same mean probability; large when the batch collapses onto
+    a few classes), it does not make single predictions confident. Float32 inside (float64 stays float64)."""
+    if probs.ndim != 2:
+        raise ValueError(f"mcd_class_balance: probabilities must be (N, K), got {tuple(probs.shape)}")
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        mean = probs.to(_loss_dtype(probs)).mean(dim=0)
+        return -torch.log(mean + eps).mean()
 
 
 # =========================================================================== domain generalisation (DomainBed)

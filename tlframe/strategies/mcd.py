@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tlframe.checks import ConfigError, check_number
-from tlframe.losses import TLLIB_ENTROPY_EPS, _prob_entropy, classifier_discrepancy
+from tlframe.losses import classifier_discrepancy, mcd_class_balance
 from tlframe.optim import ParamGroup
 from tlframe.strategies.base import StrategyOutput
 from tlframe.strategies.finetune import FineTune
@@ -30,9 +30,10 @@ class MCD(FineTune):
     """Maximum Classifier Discrepancy: generator ``G`` (the backbone) and classifiers ``F1``, ``F2``.
 
     Per batch, ``x = cat(x_s, x_t)`` through ``G`` and both classifiers each time (``p = softmax``, ``d`` =
-    :func:`tlframe.losses.classifier_discrepancy`, ``H`` the mean target prediction entropy of TLlib's script):
+    :func:`tlframe.losses.classifier_discrepancy`, ``B`` = :func:`tlframe.losses.mcd_class_balance`, TLlib's
+    "entropy" of MCD: ``-(1/K) sum_k log(mean_i p_ik + 1e-6)``, which spreads the target batch over the classes):
 
-    - **A**: ``CE(F1(x_s)) + CE(F2(x_s)) + entropy_weight * (H(p1_t) + H(p2_t))``, a step of both optimizers;
+    - **A**: ``CE(F1(x_s)) + CE(F2(x_s)) + balance_weight * (B(p1_t) + B(p2_t))``, a step of both optimizers;
     - **B**: the same ``- trade_off * d(p1_t, p2_t)``, a step of the classifiers' optimizer only (the
       classifiers move apart on the target while staying right on the source);
     - **C**: ``num_k`` times ``trade_off * d(p1_t, p2_t)``, a step of the generator's optimizer only.
@@ -50,13 +51,14 @@ class MCD(FineTune):
     **Steps.** Lightning counts every optimizer step in ``trainer.global_step`` under manual optimization: one
     batch is ``3 + num_k`` of them (A: 2, B: 1, C: ``num_k``). Give the budget with ``max_epochs`` (or
     ``max_steps = batches * (3 + num_k)``). The LR schedulers step once per batch. Logs ``train/loss_cls``
-    (step A's cross-entropy of both classifiers), ``train/loss_entropy``, ``train/loss_discrepancy_b`` (step B's
+    (step A's cross-entropy of both classifiers), ``train/loss_balance``, ``train/loss_discrepancy_b`` (step B's
     discrepancy, maximised), ``train/loss_discrepancy`` (step C's last), ``train/agreement_t`` (the share of target
     images both classifiers give the same class).
 
     Args:
         trade_off: weight of the discrepancy (TLlib: 1).
-        entropy_weight: weight of the target entropy in steps A and B (TLlib ``--trade-off-entropy``: 0.01).
+        balance_weight: weight of the class-balance term ``B`` in steps A and B (TLlib ``--trade-off-entropy``:
+            0.01; its digits runs 0.03).
         num_k: generator steps per batch (TLlib and the paper's digits runs: 4).
         classifier_width: width ``W`` of both classifiers (TLlib ``--bottleneck-dim``: 1024).
         classifier_dropout: dropout in both classifiers (0.5).
@@ -67,12 +69,12 @@ class MCD(FineTune):
     uses_target = True
     manual_optimization = True
 
-    def __init__(self, trade_off: float = 1.0, entropy_weight: float = 0.01, num_k: int = 4,
+    def __init__(self, trade_off: float = 1.0, balance_weight: float = 0.01, num_k: int = 4,
                  classifier_width: int = 1024, classifier_dropout: float = 0.5,
                  generator_momentum: Optional[float] = 0.0, **kwargs: Any):
         super().__init__(**kwargs)
         check_number("trade_off", trade_off, low=0)
-        check_number("entropy_weight", entropy_weight, low=0)
+        check_number("balance_weight", balance_weight, low=0)
         check_number("num_k", num_k, low=1, integer=True)
         check_number("classifier_width", classifier_width, low=1, integer=True)
         check_number("classifier_dropout", classifier_dropout, low=0, high=1, high_open=True)
@@ -84,7 +86,7 @@ class MCD(FineTune):
         if self.bn_policy != "joint":
             raise ConfigError("MCD forwards cat(x_s, x_t) through G and both classifiers (TLlib's script): "
                               "bn_policy must be joint")
-        self.trade_off, self.entropy_weight, self.num_k = float(trade_off), float(entropy_weight), int(num_k)
+        self.trade_off, self.balance_weight, self.num_k = float(trade_off), float(balance_weight), int(num_k)
         self.classifier_width, self.classifier_dropout = int(classifier_width), float(classifier_dropout)
         self.generator_momentum = generator_momentum
         self.classifier_2: Optional[nn.Module] = None
@@ -113,10 +115,10 @@ class MCD(FineTune):
         return y1[:n_s], y2[:n_s], F.softmax(y1[n_s:].float(), dim=1), F.softmax(y2[n_s:].float(), dim=1)
 
     def _source_losses(self, y1_s, y2_s, y_s, p1_t, p2_t) -> dict[str, torch.Tensor]:
+        """Steps A and B: both classifiers' source cross-entropy and the class balance of their target predictions."""
         ce = (F.cross_entropy(y1_s.float(), y_s, label_smoothing=self.label_smoothing)
               + F.cross_entropy(y2_s.float(), y_s, label_smoothing=self.label_smoothing))
-        ent = _prob_entropy(p1_t, TLLIB_ENTROPY_EPS).mean() + _prob_entropy(p2_t, TLLIB_ENTROPY_EPS).mean()
-        return {"cls": ce, "entropy": ent}
+        return {"cls": ce, "balance": mcd_class_balance(p1_t) + mcd_class_balance(p2_t)}
 
     def manual_step(self, module: Any, batch: dict) -> StrategyOutput:
         (x_s, y_s), x_t = batch["source"], batch["target"][0]
@@ -135,13 +137,14 @@ class MCD(FineTune):
 
         # A: everything on the source
         y1_s, y2_s, p1_t, p2_t = self._forward(module, x, n_s)
-        a = StrategyOutput(losses=self._source_losses(y1_s, y2_s, y_s, p1_t, p2_t), weights={"entropy": self.entropy_weight})
+        a = StrategyOutput(losses=self._source_losses(y1_s, y2_s, y_s, p1_t, p2_t),
+                           weights={"balance": self.balance_weight})
         step(a, [opt_g, opt_f], None)
         # B: the classifiers maximise their discrepancy on the target, still right on the source
         y1_s, y2_s, p1_t, p2_t = self._forward(module, x, n_s)
         b = StrategyOutput(losses={**self._source_losses(y1_s, y2_s, y_s, p1_t, p2_t),
                                    "discrepancy_b": classifier_discrepancy(p1_t, p2_t)},
-                           weights={"entropy": self.entropy_weight, "discrepancy_b": -self.trade_off})
+                           weights={"balance": self.balance_weight, "discrepancy_b": -self.trade_off})
         step(b, [opt_f], opt_g)
         # C: the generator minimises it, num_k times
         for _ in range(self.num_k):
@@ -153,6 +156,6 @@ class MCD(FineTune):
             agreement = (p1_t.argmax(dim=1) == p2_t.argmax(dim=1)).float().mean()
         return StrategyOutput(losses={k: v.detach() for k, v in {**a.losses, "discrepancy_b": b.losses["discrepancy_b"],
                                                                   **c.losses}.items()},
-                              weights={"entropy": self.entropy_weight, "discrepancy_b": -self.trade_off,
+                              weights={"balance": self.balance_weight, "discrepancy_b": -self.trade_off,
                                        "discrepancy": self.trade_off},
                               logs={"agreement_t": agreement})
