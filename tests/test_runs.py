@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tlframe.runs import RunLock, RunSpec, command_identity, execute_run
+from tlframe.runs import RunLock, RunSpec, command_identity, content_identity, execute_run, stale_reason
 
 
 def test_a_held_lock_is_refused_until_released(tmp_path):
@@ -214,3 +214,53 @@ def test_command_identity_covers_the_contents_of_the_files_a_command_names(tmp_p
     assert two != command_identity([f"--model.weights={weights}"])
     assert command_identity(["-c", "c.yaml"], cwd=tmp_path) == command_identity(["-c", "c.yaml"], cwd=tmp_path)
     assert command_identity(["-c", "c.yaml"], cwd=tmp_path) != command_identity(["-c", "c.yaml"], cwd=tmp_path / "x")
+
+
+# --------------------------------------------------------------------------- a finished run of an older command
+def test_a_finished_run_is_kept_while_its_command_is_unchanged_and_superseded_when_its_config_changes(tmp_path):
+    spec, config = _fake_fit_spec(tmp_path)
+    first = execute_run(spec)
+    assert first.status == "done" and first.superseded is None
+    assert stale_reason(spec) is None and execute_run(spec).status == "skipped"  # the same command: never redone
+    config.write_text("lr: 0.2\n")  # same command line, other contents: another experiment
+    assert stale_reason(spec) == "a file it names (config, weights) changed since it ran"
+    second = execute_run(spec)
+    assert second.status == "done" and second.superseded is not None
+    kept = Path(second.superseded)
+    assert kept.parent == spec.run_dir.parent and kept.name.startswith("run.superseded-")
+    assert json.loads((kept / "done.json").read_text()) == first.record  # the old result is kept, untouched
+    assert second.record["attempts"][0]["started_utc"] != first.record["attempts"][0]["started_utc"]
+    assert execute_run(spec).status == "skipped"  # the new result stands for the new config
+    longer = dataclasses.replace(spec, argv=[*spec.argv, "--extra"])
+    assert stale_reason(longer) == "its arguments changed since it ran"
+
+
+def test_a_finished_run_recorded_before_content_identities_is_judged_by_its_command_identity(tmp_path):
+    spec, config = _fake_fit_spec(tmp_path)
+    assert execute_run(spec).status == "done"
+    attempt = json.loads((spec.run_dir / "attempt.json").read_text())
+    del attempt["content_identity"]  # as attempt.json was written before
+    (spec.run_dir / "attempt.json").write_text(json.dumps(attempt))
+    assert stale_reason(spec) is None
+    config.write_text("lr: 0.3\n")
+    assert stale_reason(spec) is not None
+    (spec.run_dir / "attempt.json").unlink()  # no record of its command at all: it counts as the same
+    assert stale_reason(spec) is None and execute_run(spec).status == "skipped"
+
+
+def test_content_identity_ignores_where_the_checkout_lives_and_what_the_run_writes(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        (root / "configs").mkdir(parents=True)
+        (root / "configs" / "c.yaml").write_text("lr: 0.1\n")
+    argv = lambda root: ["-c", str(root / "configs" / "c.yaml"), f"--save_dir={root / 'runs'}"]  # noqa: E731
+    assert content_identity(argv(a), cwd=a) == content_identity(argv(b), cwd=b)  # a moved checkout
+    assert command_identity(argv(a), cwd=a) != command_identity(argv(b), cwd=b)
+    (b / "configs" / "c.yaml").write_text("lr: 0.2\n")
+    assert content_identity(argv(a), cwd=a) != content_identity(argv(b), cwd=b)  # an edited config
+    out = a / "runs" / "r"
+    out.mkdir(parents=True)
+    written = ["--out", str(out / "adapt.json")]
+    before = content_identity(written, cwd=a, outputs=out)
+    (out / "adapt.json").write_text("{}")  # the run's own output is not an input of the command
+    assert content_identity(written, cwd=a, outputs=out) == before

@@ -3,7 +3,11 @@
 The contract shared by ``tlframe sweep`` and the benchmark scripts:
 
 - a run lives in its own directory; ``done.json`` there (written atomically, only after the
-  process exited with 0 and its metrics were read) means *finished*: the run is never redone;
+  process exited with 0 and its metrics were read) means *finished*: the run is never redone **while its
+  command still asks for it**: ``attempt.json`` keeps the command's :func:`content_identity` (its arguments and
+  the contents of the files it names); once they change (an edited config, other weights), the finished run is
+  *stale*: it is kept, renamed ``<run dir>.superseded-<UTC time>``, and the run starts again, so a table never
+  shows a result of a command it no longer runs;
 - an **interrupted** attempt (killed by a signal, or its process gone with the caller: a crash, ``kill -9``, a
   SLURM time limit or preemption) **resumes from its ``last.ckpt``** (``--ckpt_path``, bit-exact as any tlframe
   resume) when the spec names that checkpoint (:attr:`RunSpec.checkpoint`), the checkpoint is complete and the
@@ -34,14 +38,15 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from tlframe.atomic import atomic_write_text
 
 __all__ = ["MetricError", "RunOutcome", "RunLock", "read_scalars", "scalar_stats", "write_json_atomic", "execute_run",
-           "DONE", "FAILED", "ATTEMPT", "log_tail", "command_identity", "worker_thread_env"]
+           "DONE", "FAILED", "ATTEMPT", "log_tail", "command_identity", "content_identity", "stale_reason",
+           "worker_thread_env"]
 
 DONE, FAILED, ATTEMPT = "done.json", "failed.json", "attempt.json"
 #: Seconds between refreshes of a held run lock, and age after which a lock nobody refreshes is stale.
@@ -228,6 +233,7 @@ class RunOutcome:
     record: Optional[dict[str, Any]] = None
     error: str = ""
     wall_s: float = 0.0
+    superseded: Optional[str] = None     # where a stale finished run was moved before this one ran
 
     @property
     def ok(self) -> bool:
@@ -273,7 +279,7 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
     the run then counts as failed); ``extra`` fields are added to ``done.json`` (and ``failed.json``).
     """
     done = spec.run_dir / DONE
-    if done.is_file():
+    if done.is_file() and stale_reason(spec) is None:
         return RunOutcome("skipped", json.loads(done.read_text()))
     missing = [str(p) for p in spec.needs if not Path(p).is_file()]
     if missing:
@@ -284,11 +290,47 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
         return RunOutcome("busy", error=f"running elsewhere (lock {lock.path} held by {holder.get('host', '?')} "
                                         f"pid {holder.get('pid', '?')} since {holder.get('since', '?')})")
     try:
-        if done.is_file():  # finished by the process that held the lock before us
-            return RunOutcome("skipped", json.loads(done.read_text()))
-        return _execute_locked(spec, extra, summarize, lock)
+        superseded = None
+        if done.is_file():
+            if stale_reason(spec) is None:  # finished by the process that held the lock before us
+                return RunOutcome("skipped", json.loads(done.read_text()))
+            superseded = _supersede(spec.run_dir)
+        return replace(_execute_locked(spec, extra, summarize, lock), superseded=superseded)
     finally:
         lock.release()
+
+
+def stale_reason(spec: RunSpec) -> Optional[str]:
+    """Why the run in ``spec.run_dir`` was made by another command than ``spec.argv`` (None: the same one, or no
+    record says: a run from before ``attempt.json`` kept its identity counts as the same).
+
+    Compares :func:`content_identity` (or, for runs recorded before it existed, :func:`command_identity`) with
+    what ``attempt.json`` kept."""
+    try:
+        attempt = json.loads((spec.run_dir / ATTEMPT).read_text())
+    except (OSError, ValueError):
+        return None
+    if "content_identity" in attempt:
+        now = content_identity(spec.argv, spec.cwd, outputs=spec.run_dir)
+        kept = attempt["content_identity"]
+    elif "identity" in attempt:
+        now, kept = command_identity(spec.argv, spec.cwd), attempt["identity"]
+    else:
+        return None
+    if now == kept:
+        return None
+    before = attempt.get("argv")
+    changed = "its arguments changed" if before is not None and list(before) != list(spec.argv) else \
+        "a file it names (config, weights) changed"
+    return f"{changed} since it ran"
+
+
+def _supersede(run_dir: Path) -> Path:
+    """Move a stale finished run out of the way (nothing is deleted): ``<run_dir>.superseded-<UTC time>``."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = run_dir.with_name(f"{run_dir.name}.superseded-{stamp}")
+    run_dir.rename(target)
+    return target
 
 
 def command_identity(argv: Sequence[str], cwd: Optional[Path] = None) -> str:
@@ -304,14 +346,39 @@ def command_identity(argv: Sequence[str], cwd: Optional[Path] = None) -> str:
         path = Path(value) if Path(value).is_absolute() or cwd is None else Path(cwd) / value
         try:
             if value and path.is_file():
-                digest = hashlib.sha256()
-                with path.open("rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(block)
-                h.update(b"file\0" + digest.digest())
+                h.update(b"file\0" + _file_digest(path))
         except OSError:
             pass
     return h.hexdigest()
+
+
+def content_identity(argv: Sequence[str], cwd: Optional[Path] = None, outputs: Optional[Path] = None) -> str:
+    """SHA-256 of what a command computes, wherever the checkout lives: every argument with the working folder
+    ``cwd`` written as ``<cwd>``, and the contents of every existing file it names (``-c FILE``, ``--key=FILE``)
+    except files under ``outputs`` (the run's own folder: what the run writes there is not its input).
+
+    Equal for the same command run from a moved checkout; different after an edit of a config or weights file."""
+    h = hashlib.sha256()
+    root = None if cwd is None else str(Path(cwd).resolve())
+    out = None if outputs is None else Path(outputs).resolve()
+    for arg in argv:
+        h.update(b"arg\0" + (arg.replace(root, "<cwd>") if root else arg).encode() + b"\0")
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        path = Path(value) if Path(value).is_absolute() or cwd is None else Path(cwd) / value
+        try:
+            if value and path.is_file() and (out is None or not path.resolve().is_relative_to(out)):
+                h.update(b"file\0" + _file_digest(path))
+        except OSError:
+            pass
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
 
 
 def _resume_point(spec: RunSpec, identity: str) -> tuple[Optional[Path], list[dict[str, Any]]]:
@@ -352,6 +419,7 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
                     lock: Optional[RunLock] = None) -> RunOutcome:
     done, failed = spec.run_dir / DONE, spec.run_dir / FAILED
     identity = command_identity(spec.argv, spec.cwd)
+    content = content_identity(spec.argv, spec.cwd, outputs=spec.run_dir)
     resume, attempts = _resume_point(spec, identity)
     if attempts and "wall_s" not in attempts[-1]:  # it died with its runner: it ended at the last sign of life
         attempts[-1] = _estimate_wall(attempts[-1], spec.run_dir, lock)
@@ -364,7 +432,8 @@ def _execute_locked(spec: RunSpec, extra: Optional[Mapping[str, Any]],
                      "host": socket.gethostname(),
                      "resumed_from": None if resume is None else str(resume)})
     write_attempts = lambda: write_json_atomic(  # noqa: E731
-        spec.run_dir / ATTEMPT, {"identity": identity, "argv": list(spec.argv), "attempts": attempts})
+        spec.run_dir / ATTEMPT, {"identity": identity, "content_identity": content,
+                                 "argv": list(spec.argv), "attempts": attempts})
     write_attempts()
     base = {**(extra or {}), "argv": list(spec.argv), "run_dir": str(spec.run_dir), "attempts": attempts}
     for name, obj in spec.first_files.items():

@@ -488,7 +488,9 @@ class Progress:
                 text = f"skipped {run.hash} ({run.label}): done.json found"
             elif outcome.ok:
                 resumed = f" (resumed from {outcome.resumed_from})" if outcome.resumed_from else ""
-                text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}{resumed}"
+                stale = (f"; its earlier result, for a changed command, kept at {outcome.superseded}"
+                         if outcome.superseded else "")
+                text = f"done {run.hash} ({run.label}) in {_fmt_s(outcome.wall_s)}{resumed}{stale}"
             elif outcome.status == "busy":
                 text = f"skipped {run.hash} ({run.label}): {outcome.error}"
             else:

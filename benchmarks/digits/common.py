@@ -2,7 +2,8 @@
 
 - :func:`run_cell`: run one ``tlframe fit`` as a subprocess, resumably, with the run contract of
   ``tlframe sweep`` (:func:`tlframe.runs.execute_run`): a run directory that holds ``done.json``
-  is skipped; a successful run writes ``done.json`` atomically; a failed run writes ``failed.json``
+  is skipped, unless its config or arguments changed since (then it is kept as ``<run dir>.superseded-<time>``
+  and the cell runs again); a successful run writes ``done.json`` atomically; a failed run writes ``failed.json``
   (exit code, log tail), no ``done.json``, so it is retried next time, and is reported as failed; an
   interrupted run (killed, or its runner gone) resumes from its ``last.ckpt`` when its command is unchanged.
 - the **run ledger** (:data:`LEDGER`, committed with the results): every finished cell's ``done.json`` record,
@@ -38,7 +39,8 @@ from typing import Any, Optional
 from tlframe.atomic import atomic_write_text
 from tlframe.report import ORACLE_NOTE, STD_NOTE, format_cell, markdown_table, mean_std  # noqa: F401 (re-exported)
 from tlframe.runs import (  # noqa: F401 (re-exported)
-    MetricError, RunSpec, default_summary, execute_run, log_tail, read_scalars, worker_thread_env, write_json_atomic,
+    MetricError, RunSpec, default_summary, execute_run, log_tail, read_scalars, stale_reason, worker_thread_env,
+    write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,9 +185,16 @@ def ledger_record(cell: Cell, ledger: Path = LEDGER) -> Optional[dict[str, Any]]
     return read_ledger(ledger_file(cell, ledger), cell_identity(cell))
 
 
+def run_spec(cell: Cell) -> RunSpec:
+    """How :func:`tlframe.runs.execute_run` runs the cell (and tells whether its finished run is stale)."""
+    return RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command(),
+                   checkpoint=cell.run_dir / "checkpoints" / "last.ckpt")
+
+
 def collect_cell(cell: Cell) -> Optional[RunResult]:
-    """A finished cell without running anything: its ``done.json`` (kept in the ledger too) or its ledger record."""
-    if cell.done_file.is_file():
+    """A finished cell without running anything: its ``done.json`` (kept in the ledger too; not when it was made by
+    an older command, :func:`tlframe.runs.stale_reason`) or its ledger record."""
+    if cell.done_file.is_file() and stale_reason(run_spec(cell)) is None:
         record = json.loads(cell.done_file.read_text())
         if cell.ledger is not None and ledger_record(cell, cell.ledger) is None:
             write_ledger(cell, record, cell.ledger)
@@ -235,10 +244,11 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
         return RunResult(cell, "recorded", recorded)
     if not cell.done_file.is_file() and all(p.is_file() for p in cell.needs):
         log(f"  {cell.label}: running ...")
-    spec = RunSpec(cell.run_dir, cell.argv(), env=cell.env, needs=cell.needs, cwd=REPO, header=cell.command(),
-                   checkpoint=cell.run_dir / "checkpoints" / "last.ckpt")
-    outcome = execute_run(spec, extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
+    stale = stale_reason(run_spec(cell)) if cell.done_file.is_file() else None
+    outcome = execute_run(run_spec(cell), extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
                           summarize=summarize_scalars)
+    if outcome.superseded:
+        log(f"  {cell.label}: its finished run is stale ({stale}): kept at {display_path(outcome.superseded)}")
     if outcome.status == "busy":
         log(f"  {cell.label}: left to the process that runs it ({outcome.error})")
     elif outcome.status == "skipped":

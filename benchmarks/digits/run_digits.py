@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         results = run_source_models_first(cells, args.workers)
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
-                  machine_lines(), today())
+                  machine_lines(), today(), methods=args.methods)
     return write_results(results_path, text, results, "run_digits")
 
 
