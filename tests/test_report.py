@@ -135,8 +135,11 @@ def test_report_without_manifest_reads_args_json(tmp_path):
     run.mkdir(parents=True)
     (run / "args.json").write_text(json.dumps({"hash": "abc", "point": {"x": "1"}, "seed": 0}))
     (run / "done.json").write_text(json.dumps({"scalars": {"val/acc": _stats([0.3])}}))
+    old = tmp_path / "runs" / "abc.superseded-20261203T060000.000000Z"  # the run of an earlier config, kept
+    old.mkdir()
+    (old / "args.json").write_text(json.dumps({"hash": "abc", "point": {"x": "1"}, "seed": 0}))
     axes, entries = report.collect(tmp_path)
-    assert axes == ["x"] and entries[0].status == "done"
+    assert axes == ["x"] and [e.status for e in entries] == ["done"]
 
 
 def test_plot_writes_a_png(tmp_path):

@@ -158,7 +158,9 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[RunEntry]]:
         planned = manifest["runs"]
         axes = list(manifest["axes"])
     else:
-        planned = [a for a in (_read_json(p) for p in sorted(sweep_dir.glob("runs/*/args.json"))) if a]
+        found = [p for p in sorted(sweep_dir.glob("runs/*/args.json"))
+                 if ".superseded-" not in p.parent.name]  # a changed command's finished run: kept, not tabled
+        planned = [a for a in (_read_json(p) for p in found) if a]
         axes = list(dict.fromkeys(k for a in planned for k in a.get("point", {})))
     if not planned:
         raise FileNotFoundError(f"{sweep_dir} holds no sweep (no sweep.json and no runs/*/args.json): "
