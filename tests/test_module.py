@@ -1,4 +1,4 @@
-"""TransferModule behaviour not tied to one strategy: the non-finite guard."""
+"""TransferModule behaviour not tied to one strategy: the non-finite guard, the head's options."""
 
 from __future__ import annotations
 
@@ -49,3 +49,13 @@ def test_accumulated_micro_batches_draw_different_random_numbers(synthetic_dm, t
         TransferModule("dtn", num_classes=10, bottleneck_dropout=0.5), synthetic_dm())
     assert [step for step, _ in seeds] == [0, 1, 1, 2]  # global_step after each micro-batch
     assert len({seed for _, seed in seeds}) == 4  # one seed per micro-batch, none shared
+
+
+def test_the_bottleneck_batch_norm_is_optional_as_in_tllibs_dan_head():
+    layers = lambda m: [type(x).__name__ for x in m.head.bottleneck]  # noqa: E731
+    assert layers(TransferModule("dtn", num_classes=10, bottleneck_dropout=0.5)) == [
+        "Linear", "BatchNorm1d", "ReLU", "Dropout"]
+    dan = TransferModule("dtn", num_classes=10, bottleneck_dropout=0.5, bottleneck_bn=False)
+    assert layers(dan) == ["Linear", "ReLU", "Dropout"]  # tllib/alignment/dan.py ImageClassifier
+    f, logits = dan.head(torch.randn(4, dan.backbone.num_features))
+    assert f.shape == (4, 256) and logits.shape == (4, 10)

@@ -103,6 +103,8 @@ class TransferModule(pl.LightningModule):
         strategy: the adaptation strategy (default :class:`~tlframe.strategies.FineTune`).
         bottleneck_dim: width of the bottleneck (``0``: classifier directly on the features).
         bottleneck_dropout: dropout after the bottleneck's ReLU.
+        bottleneck_bn: batch norm between the bottleneck's Linear and ReLU (TLlib's default head; ``false`` for
+            TLlib's DAN head ``Linear-ReLU-Dropout``).
         weight_norm_classifier: a weight-normalised classifier (SHOT's source model), see
             :class:`~tlframe.heads.TransferHead`.
         lr, momentum, weight_decay, nesterov: the default optimizer, SGD as in the reference
@@ -142,6 +144,7 @@ class TransferModule(pl.LightningModule):
         strategy: Optional[Strategy] = None,
         bottleneck_dim: int = 256,
         bottleneck_dropout: float = 0.0,
+        bottleneck_bn: bool = True,
         weight_norm_classifier: bool = False,
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -179,7 +182,7 @@ class TransferModule(pl.LightningModule):
             self.backbone.compile()  # compiles __call__ in place: no wrapper module, same state_dict keys
         self.channels_last = channels_last
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout,
-                                 weight_norm=weight_norm_classifier)
+                                 batch_norm=bottleneck_bn, weight_norm=weight_norm_classifier)
         if weights_head:
             if weights is None:
                 raise ConfigError("weights_head: true loads the head of the `weights` checkpoint, but model.weights "

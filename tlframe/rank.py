@@ -147,7 +147,8 @@ def build(cand: Candidate) -> Built:
         head_state = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
         num_classes = int(head_state["classifier.weight"].shape[0])
         head = TransferHead(backbone.num_features, num_classes, dim=int(hp.get("bottleneck_dim", 256)),
-                            dropout=float(hp.get("bottleneck_dropout", 0.0)))
+                            dropout=float(hp.get("bottleneck_dropout", 0.0)),
+                            batch_norm=bool(hp.get("bottleneck_bn", True)))
         head.load_state_dict(head_state)
         head.eval()
         return Built(backbone, f"{name} {sorted(kwargs.items())}", lambda z: head(z)[1], num_classes)

@@ -132,6 +132,8 @@ def test_digits_configs_use_tllibs_lenet_and_heads():
             assert model["backbone"] == "lenet_tllib", (task, method)
             assert (model["bottleneck_dim"], model["bottleneck_dropout"]) == (dim, dropout), (task, method)
             assert model["strategy"]["init_args"].get("hidden") == hidden, (task, method)
+            # TLlib's heads have batch norm in the bottleneck, except DAN's Linear-ReLU-Dropout (tllib/alignment/dan.py)
+            assert model.get("bottleneck_bn", True) == (method != "mmd"), (task, method)
 
 
 def test_summarize_and_read_scalars(tmp_path):
