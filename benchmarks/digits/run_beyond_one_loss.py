@@ -155,7 +155,9 @@ def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds:
         "64 target images (two views each). SHOT: a 256-unit bottleneck with BN and dropout 0.5 and a "
         "weight-normalised classifier; phase 1 5,000 steps of 64 source images with label smoothing 0.1, "
         "phase 2 5,000 steps of 64 target images, no source data; SGD 0.01, LR (1 + 0.002 step)^-0.75.",
-        "- MCD: TLlib's `mcd.sh` Digits settings (fixed LR 0.01 / 0.1, trade-off 0.3, entropy 0.03, num_k 4, "
+        "- MCD: TLlib's `mcd.sh` Digits settings (fixed LR 0.01 / 0.1, trade-off 0.3, class-balance weight 0.03 "
+        "(its `--trade-off-entropy`; the term is `tllib/alignment/mcd.py`'s `entropy`, "
+        "`tlframe.losses.mcd_class_balance`), num_k 4, "
         "two classifiers of width 1024), 5,000 batches of 64 + 64 (35,000 optimizer steps); TLlib's 94.1 / 97.6 "
         "are the best of 20 epochs of 2,500 batches of 128 on the target test set.",
         "- FixMatch: threshold 0.95, weight 1, RandAugment 2 ops at magnitude 10 + cutout 0.5 for the strong "
