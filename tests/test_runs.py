@@ -226,6 +226,7 @@ def test_a_finished_run_is_kept_while_its_command_is_unchanged_and_superseded_wh
     assert stale_reason(spec) == "a file it names (config, weights) changed since it ran"
     second = execute_run(spec)
     assert second.status == "done" and second.superseded is not None
+    assert second.stale_reason == "a file it names (config, weights) changed since it ran"
     kept = Path(second.superseded)
     assert kept.parent == spec.run_dir.parent and kept.name.startswith("run.superseded-")
     assert json.loads((kept / "done.json").read_text()) == first.record  # the old result is kept, untouched

@@ -234,6 +234,7 @@ class RunOutcome:
     error: str = ""
     wall_s: float = 0.0
     superseded: Optional[str] = None     # where a stale finished run was moved before this one ran
+    stale_reason: Optional[str] = None   # why it was stale (:func:`stale_reason`)
 
     @property
     def ok(self) -> bool:
@@ -279,7 +280,8 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
     the run then counts as failed); ``extra`` fields are added to ``done.json`` (and ``failed.json``).
     """
     done = spec.run_dir / DONE
-    if done.is_file() and stale_reason(spec) is None:
+    stale = stale_reason(spec) if done.is_file() else None
+    if done.is_file() and stale is None:
         return RunOutcome("skipped", json.loads(done.read_text()))
     missing = [str(p) for p in spec.needs if not Path(p).is_file()]
     if missing:
@@ -292,10 +294,11 @@ def execute_run(spec: RunSpec, extra: Optional[Mapping[str, Any]] = None,
     try:
         superseded = None
         if done.is_file():
-            if stale_reason(spec) is None:  # finished by the process that held the lock before us
+            stale = stale or stale_reason(spec)  # done.json may come from the process that held the lock before us
+            if stale is None:
                 return RunOutcome("skipped", json.loads(done.read_text()))
-            superseded = _supersede(spec.run_dir)
-        return replace(_execute_locked(spec, extra, summarize, lock), superseded=superseded)
+            superseded = str(_supersede(spec.run_dir))
+        return replace(_execute_locked(spec, extra, summarize, lock), superseded=superseded, stale_reason=stale)
     finally:
         lock.release()
 
@@ -339,17 +342,7 @@ def command_identity(argv: Sequence[str], cwd: Optional[Path] = None) -> str:
     Two attempts of a run with the same identity train the same thing (up to the installed code), so the
     second may resume from the first's checkpoint; an edited config or weights file changes it.
     """
-    h = hashlib.sha256()
-    for arg in argv:
-        h.update(b"arg\0" + arg.encode() + b"\0")
-        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
-        path = Path(value) if Path(value).is_absolute() or cwd is None else Path(cwd) / value
-        try:
-            if value and path.is_file():
-                h.update(b"file\0" + _file_digest(path))
-        except OSError:
-            pass
-    return h.hexdigest()
+    return _argv_digest(argv, cwd)
 
 
 def content_identity(argv: Sequence[str], cwd: Optional[Path] = None, outputs: Optional[Path] = None) -> str:
@@ -358,8 +351,15 @@ def content_identity(argv: Sequence[str], cwd: Optional[Path] = None, outputs: O
     except files under ``outputs`` (the run's own folder: what the run writes there is not its input).
 
     Equal for the same command run from a moved checkout; different after an edit of a config or weights file."""
+    return _argv_digest(argv, cwd, portable=True, outputs=outputs)
+
+
+def _argv_digest(argv: Sequence[str], cwd: Optional[Path], portable: bool = False,
+                 outputs: Optional[Path] = None) -> str:
+    """The identities' common digest: each argument (``cwd`` as ``<cwd>`` when ``portable``), then the content
+    digest of each existing file it names, outside ``outputs``."""
     h = hashlib.sha256()
-    root = None if cwd is None else str(Path(cwd).resolve())
+    root = str(Path(cwd).resolve()) if portable and cwd is not None else None
     out = None if outputs is None else Path(outputs).resolve()
     for arg in argv:
         h.update(b"arg\0" + (arg.replace(root, "<cwd>") if root else arg).encode() + b"\0")

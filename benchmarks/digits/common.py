@@ -244,11 +244,11 @@ def run_cell(cell: Cell, log: Callable[[str], None] = print) -> RunResult:
         return RunResult(cell, "recorded", recorded)
     if not cell.done_file.is_file() and all(p.is_file() for p in cell.needs):
         log(f"  {cell.label}: running ...")
-    stale = stale_reason(run_spec(cell)) if cell.done_file.is_file() else None
-    outcome = execute_run(run_spec(cell), extra={"row": cell.row, "col": cell.col, "seed": cell.seed, "command": cell.command()},
-                          summarize=summarize_scalars)
+    outcome = execute_run(run_spec(cell), extra={"row": cell.row, "col": cell.col, "seed": cell.seed,
+                                                 "command": cell.command()}, summarize=summarize_scalars)
     if outcome.superseded:
-        log(f"  {cell.label}: its finished run is stale ({stale}): kept at {display_path(outcome.superseded)}")
+        log(f"  {cell.label}: its finished run is stale ({outcome.stale_reason}): kept at "
+            f"{display_path(Path(outcome.superseded))}")
     if outcome.status == "busy":
         log(f"  {cell.label}: left to the process that runs it ({outcome.error})")
     elif outcome.status == "skipped":
