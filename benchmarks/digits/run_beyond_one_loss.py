@@ -17,9 +17,6 @@ shared with ``digits.md``: a finished run is not run again); the ``tlframe adapt
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -28,14 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits import run_digits  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, REPO, Cell, RunResult, cell_identity, cell_values, collect_cell, display_path, keep_in_ledger, read_ledger,
-    failures_section, format_cell, machine_lines, markdown_table, mean_std, regen_command, resolve_io, today,
-    write_results,
+    REPO, RunResult, cell_values, collect_cell, display_path, failures_section, format_cell, machine_lines,
+    markdown_table, mean_std, regen_command, resolve_io, today, write_results,
 )
+from benchmarks.digits.tta import TTA_METHODS, run_tta, tta_rows  # noqa: E402
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST"}
 FIT_METHODS = ["source_only", "mcd", "fixmatch", "mean_teacher", "shot_source", "shot_im", "shot"]
-TTA_METHODS = {"adabn": "AdaBN (SHOT source model)", "tent": "TENT (SHOT source model)"}
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "digits_beyond_one_loss.md"
 # run order: the cheap runs first, so an interrupted run of the script leaves the most rows filled
 # (measured wall time per run, 2 workers: SHOT phases 3-6 min, FixMatch 10, Mean Teacher 16, MCD 41)
@@ -54,48 +50,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--collect-only", action="store_true",
                    help="start no fit run: table the finished ones (the others show as 'not run'); adapt runs still run")
     return p.parse_args(argv)
-
-
-def tta_dir(out: Path, task: str, method: str, seed: int) -> Path:
-    return out / "tta" / task / method / f"seed{seed}"
-
-
-def run_tta(out: Path, data_root: Path, task: str, method: str, seed: int, source_cell: Cell) -> dict | None:
-    """``tlframe adapt --method <method>`` on the seed's SHOT source model; its ``adapt.json`` (None: failed; ``{}``:
-    no SHOT source model yet, not run)."""
-    folder = tta_dir(out, task, method, seed)
-    result = folder / "adapt.json"
-    ledger = LEDGER / "tta" / task / method / f"seed{seed}.json" if source_cell.ledger is not None else None
-    if result.is_file():
-        print(f"  tta {task}/{method}/seed{seed}: skipped (adapt.json found)", flush=True)
-        return _keep(json.loads(result.read_text()), ledger, source_cell)
-    ckpt = out / "runs" / task / "shot_source" / f"seed{seed}" / "version_0" / "checkpoints" / "last.ckpt"
-    recorded = _recorded(ledger, source_cell)
-    if not ckpt.is_file() and recorded is not None:  # the run folders are gone; the ledger kept its numbers
-        print(f"  tta {task}/{method}/seed{seed}: recorded in the ledger", flush=True)
-        return recorded
-    if not ckpt.is_file():
-        print(f"  tta {task}/{method}/seed{seed}: not run, no SHOT source model at {ckpt}", flush=True)
-        return {}
-    proc = subprocess.run([sys.executable, "-m", "tlframe", "adapt", "--checkpoint", str(ckpt), "--method", method,
-                           "--out", str(folder), "--seed", str(seed)], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "TLFRAME_DATA_ROOT": str(data_root)})
-    print(f"  tta {task}/{method}/seed{seed}: exit {proc.returncode} {proc.stdout.strip().splitlines()[:1]}", flush=True)
-    if proc.returncode != 0 or not result.is_file():
-        print(proc.stderr[-2000:], flush=True)
-        return None
-    return _keep(json.loads(result.read_text()), ledger, source_cell)
-
-
-def _keep(record: dict, ledger: Path | None, source_cell: Cell) -> dict:
-    """Write an adapt run's result to the ledger (identity: its SHOT source model's cell); return it."""
-    if ledger is not None and _recorded(ledger, source_cell) is None:
-        keep_in_ledger(ledger, cell_identity(source_cell), record)
-    return record
-
-
-def _recorded(ledger: Path | None, source_cell: Cell) -> dict | None:
-    return None if ledger is None else read_ledger(ledger, cell_identity(source_cell))
 
 
 def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds: Sequence[int], command: str,
@@ -121,15 +75,9 @@ def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds:
                      *[delta(v, t, "shot_source") if method in run_digits.SOURCE_MODEL else ""
                        for (v, _), t in zip(cells, tasks)],
                      *[run_digits.REFERENCE.get((t, method), "–") for t in tasks]])
-    for method, label in TTA_METHODS.items():
-        keys = [("after_acc", label)] if method == "adabn" else [("online_acc", f"{label}, online"),
-                                                                ("after_acc", f"{label}, after one pass")]
-        for key, name in keys:
-            values = {t: [r[key] for s in seeds if (r := tta.get((t, method, s))) and r.get(key) is not None] for t in tasks}
-            missing = {t: sum(1 for s in seeds if tta.get((t, method, s)) is None) for t in tasks}
-            rows.append([name, *[format_cell(values[t], missing[t]) for t in tasks],
-                         *[delta(values[t], t) for t in tasks], *[delta(values[t], t, "shot_source") for t in tasks],
-                         *["–" for _ in tasks]])
+    for name, cells in tta_rows(tta, tasks, seeds):
+        rows.append([name, *[format_cell(*cells[t]) for t in tasks], *[delta(cells[t][0], t) for t in tasks],
+                     *[delta(cells[t][0], t, "shot_source") for t in tasks], *["–" for _ in tasks]])
     none = {t: [r["source_acc"] for s in seeds if (r := tta.get((t, "adabn", s)))] for t in tasks}
     lines = [
         "# Digits: self-training, source-free and test-time adaptation",
@@ -190,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ordered = sorted(cells, key=lambda c: (RUN_ORDER.index(c.col), c.row, c.seed))
         results = run_digits.run_source_models_first(ordered, args.workers)
     source_cells = {(c.row, c.seed): c for c in cells if c.col == "shot_source"}
-    tta = {(t, m, s): run_tta(out, data_root, t, m, s, source_cells[(t, s)])
+    tta = {(t, m, s): run_tta(out, data_root, t, m, s, source_cells[(t, s)], collect_only=args.collect_only,
+                              log=lambda line: print(line, flush=True))
            for t in args.tasks for m in TTA_METHODS for s in args.seeds}
     text = render(results, tta, args.tasks, args.seeds, regen_command(Path(__file__), argv), out)
     return write_results(results_path, text, results, "run_beyond_one_loss")

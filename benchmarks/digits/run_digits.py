@@ -1,8 +1,9 @@
 """Regenerate ``benchmarks/results/digits.md``: digits domain adaptation from scratch vs the published numbers.
 
 Grid: tasks {mnist2usps, usps2mnist, mnist2mnistm} x methods (source only, DANN, DAN, CDAN, CDAN+E, JAN, MCC,
-MDD, AFN, CORAL, BSP+DANN, DANN+MCC, MDD+MCC, FixMatch, Mean Teacher, the SHOT source model, SHOT-IM, SHOT, MCD)
-x seeds (default 0 1 2); SHOT's source model runs before the SHOT runs that start from it. A cell runs when its config
+MDD, AFN, CORAL, BSP+DANN, DANN+MCC, MDD+MCC, FixMatch, Mean Teacher, the SHOT source model, SHOT-IM, SHOT, MCD,
+and the test-time adaptations AdaBN and TENT) x seeds (default 0 1 2); SHOT's source model runs before the SHOT runs
+that start from it, and AdaBN and TENT adapt it (``tlframe adapt``, :mod:`benchmarks.digits.tta`) after the fit runs. A cell runs when its config
 ``configs/digits/<task>/<method>.yaml`` exists (the methods after DAN have configs for MNIST <-> USPS only),
 except DAN on MNIST -> MNIST-M, which has a config but no published number (``--all-cells`` runs it too).
 Each run is ``tlframe fit -c configs/digits/<task>/<method>.yaml --seed_everything=<seed>`` in a
@@ -33,6 +34,7 @@ from benchmarks.digits.common import (  # noqa: E402
     format_cell, format_wall, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells,
     today, write_results,
 )
+from benchmarks.digits.tta import SOURCE_METHOD, TTA_METHODS, run_tta, tta_rows  # noqa: E402
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST", "mnist2mnistm": "MNIST → MNIST-M"}
 METHODS = {
@@ -72,7 +74,8 @@ DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "digits.md"
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=[*METHODS, *TTA_METHODS], default=[*METHODS, *TTA_METHODS],
+                   help="fit methods and test-time adaptations (adabn, tent: on the SHOT source model) to table")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", help=f"output folder of the runs (default {DEFAULT_OUT.relative_to(REPO)})")
     p.add_argument("--data-root", help="TLFRAME_DATA_ROOT of the runs (default ../shared/data from the repository root)")
@@ -177,8 +180,11 @@ def steps_cell(results: Sequence[RunResult], method: str, tasks: Sequence[str]) 
     return f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}–{steps[-1]}"
 
 
-def main_table(results: Sequence[RunResult], tasks: Sequence[str], methods: Sequence[str]) -> str:
-    """Methods as rows; per task: ours (last checkpoint), ref., Δ (ours − ref., ✓ within :data:`TOLERANCE`); steps."""
+def main_table(results: Sequence[RunResult], tasks: Sequence[str], methods: Sequence[str],
+               adapted: Sequence[tuple[str, dict[str, tuple[list[float], int]]]] = ()) -> str:
+    """Methods as rows; per task: ours (last checkpoint), ref., Δ (ours − ref., ✓ within :data:`TOLERANCE`); steps.
+    ``adapted``: the test-time adaptation rows (:func:`~benchmarks.digits.tta.tta_rows`), after the fit methods; a
+    task without a SHOT source model config reads "–"."""
     header = ["method"]
     for t in tasks:
         header += [TASKS[t], "ref.", "Δ"]
@@ -192,6 +198,11 @@ def main_table(results: Sequence[RunResult], tasks: Sequence[str], methods: Sequ
             line += [_cell_or_dash(results, t, m, "last", format_cell), ref, delta_cell(values, ref)]
         line.append(steps_cell(results, m, tasks))
         body.append(line)
+    for name, cells in adapted:
+        line = [name]
+        for t in tasks:
+            line += [format_cell(*cells[t]) if has_config(t, SOURCE_METHOD) else "–", "–", "–"]
+        body.append([*line, "–"])
     return markdown_table(header, body)
 
 
@@ -213,9 +224,14 @@ def method_table(results: Sequence[RunResult], tasks: Sequence[str], methods: Se
 
 
 def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out: Path, extra: Sequence[str],
-           seeds: Sequence[int], machine: Sequence[str], date: str, methods: Sequence[str] | None = None) -> str:
-    """The whole ``digits.md`` (pure: everything it shows is passed in; the config files decide the "–" cells)."""
-    methods = list(METHODS) if methods is None else [m for m in METHODS if m in methods]
+           seeds: Sequence[int], machine: Sequence[str], date: str, methods: Sequence[str] | None = None,
+           tta: dict | None = None) -> str:
+    """The whole ``digits.md`` (pure: everything it shows is passed in; the config files decide the "–" cells).
+    ``tta``: :func:`~benchmarks.digits.tta.run_tta`'s results by ``(task, method, seed)``, tabled for the
+    test-time adaptations among ``methods``."""
+    asked = [*METHODS, *TTA_METHODS] if methods is None else methods
+    methods = [m for m in METHODS if m in asked]
+    adapted = tta_rows(tta or {}, tasks, seeds, [m for m in TTA_METHODS if m in asked])
     lines = [
         "# Digits: unsupervised domain adaptation from scratch",
         "",
@@ -238,7 +254,7 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "\"–\" in a task's first column: no config for that task (the methods after DAN are set up for "
         "MNIST ↔ USPS only); \"not run\": a config, but no finished run in this table.",
         "",
-        main_table(results, tasks, methods),
+        main_table(results, tasks, methods, adapted),
         "",
         "References: MNIST ↔ USPS: Transfer-Learning-Library (TLlib) digits table, LeNet from scratch "
         "(ERM = source only, DANN, DAN, JAN, CDAN, MDD, MCC, AFN, BSP+DANN; no number for CDAN+E, CORAL, DANN+MCC, "
@@ -247,10 +263,15 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "MNIST-M target used the full 59,001-image train split; `../shared/data/mnist_m.tar.gz` holds its first "
         "30,000 (the test split is complete).",
         "",
-        "Methods with several update steps per batch, two views of the target, no source data or no training "
-        "(MCD, FixMatch, Mean Teacher, SHOT and SHOT-IM, AdaBN and TENT) have their rows, against TLlib's MCD and "
-        "the SHOT paper, in `digits_beyond_one_loss.md` (MNIST → USPS) and `digits_beyond_one_loss_usps2mnist.md` "
-        "(USPS → MNIST), made by `run_beyond_one_loss.py` with the same network, budget and run folders.",
+        "Beyond one loss: MCD (several optimizer steps per batch), FixMatch and Mean Teacher (two views of the "
+        "target), SHOT and SHOT-IM (source-free: phase 2 sees no source data; the SHOT source model is their "
+        "phase 1) and the test-time adaptations AdaBN and TENT (`tlframe adapt` on each seed's SHOT source "
+        "model, over the target test split as an unlabelled stream; the source-only LeNet has no BatchNorm to "
+        "adapt; TENT \"online\" scores each batch before its update, \"after one pass\" predicts the stream "
+        "again). References: TLlib's MCD; SHOT, Liang et al., ICML 2020, digits table (LeNet-style networks, 30 "
+        "epochs per phase). FixMatch, Mean Teacher, SHOT-IM, AdaBN and TENT have no published digits number: "
+        "compare them with the source-only row (and AdaBN, TENT, SHOT-IM and SHOT with the SHOT source model). "
+        "`digits_beyond_one_loss*.md` (`run_beyond_one_loss.py`) shows these rows with their differences to both.",
         "",
         "## Oracle (not a valid DA result)",
         "",
@@ -295,8 +316,8 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "bottleneck, a linear classifier on the 500 features (TLlib's `erm.py`); MDD: its own 1024-unit "
         "bottleneck with dropout 0.5 and two heads of width 1024; AFN: its own 1000-unit bottleneck with "
         "L2-preserving dropout 0.5. Domain discriminators (DANN, CDAN, BSP+DANN, DANN+MCC): 2 hidden layers of "
-        "1024, as TLlib's scripts. One knowing difference: TLlib's DAN bottleneck is Linear-ReLU-Dropout 0.5 "
-        "without batch norm; tlframe's bottleneck always has batch norm (Linear-BN-ReLU-Dropout 0.5 here). "
+        "1024, as TLlib's scripts. DAN: TLlib's `dan.py` head, a 256-unit Linear-ReLU-Dropout 0.5 bottleneck "
+        "without batch norm (`model.bottleneck_bn: false`). "
         "DAN uses TLlib's default linear-time MK-MMD estimator (`dan.py` without `--non-linear`).",
         "- **Methods.** BSP+DANN starts from scratch (TLlib's `bsp.py` first trains 3 epochs on the source); "
         "DANN+MCC and MDD+MCC have no TLlib script (MCC's defaults on top of the DANN/MDD configs); CORAL has no "
@@ -321,22 +342,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         raise SystemExit(f"error: --workers must be >= 1, got {args.workers}")
     out, data_root, results_path, extra = resolve_io(args, DEFAULT_OUT, DEFAULT_RESULTS)
-    cells = build_cells(args.tasks, args.methods, args.seeds, out, data_root, extra)
+    cells = build_cells(args.tasks, [m for m in args.methods if m in METHODS], args.seeds, out, data_root, extra)
     cells = [c for c in cells if has_config(c.row, c.col)]
-    if not cells:
+    adaptations = [m for m in args.methods if m in TTA_METHODS]
+    tta_tasks = [t for t in args.tasks if adaptations and has_config(t, SOURCE_METHOD)]
+    if not cells and not tta_tasks:
         raise SystemExit("error: no config for the selected (task, method) pairs: the methods after DAN have "
                          "configs for mnist2usps and usps2mnist only (configs/digits/<task>/<method>.yaml)")
     if not args.all_cells:
         cells = [c for c in cells if default_cell(c.row, c.col)]
-        if not cells:
+        if not cells and not tta_tasks:
             raise SystemExit("error: none of the selected cells has a published number: add --all-cells to run them")
-    print(f"run_digits: {len(cells)} runs into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
+    print(f"run_digits: {len(cells)} runs and {len(tta_tasks) * len(adaptations) * len(args.seeds)} test-time "
+          f"adaptations into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
     if args.collect_only:
         results = [r for c in cells if (r := collect_cell(c)) is not None]
     else:
         results = run_source_models_first(cells, args.workers)
+    source_cells = {(c.row, c.seed): c for c in build_cells(tta_tasks, [SOURCE_METHOD], args.seeds, out, data_root,
+                                                             extra)}
+    tta = {(t, m, s): run_tta(out, data_root, t, m, s, source_cells[(t, s)], collect_only=args.collect_only,
+                              log=lambda line: print(line, flush=True))
+           for t in tta_tasks for m in adaptations for s in args.seeds}
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
-                  machine_lines(), today(), methods=args.methods)
+                  machine_lines(), today(), methods=args.methods, tta=tta)
     return write_results(results_path, text, results, "run_digits")
 
 

@@ -75,7 +75,9 @@ def test_digits_render_methods_as_rows_with_references_delta_oracle_and_failures
     # 93.5 vs 96.0: more than 2 points below; no config for MNIST -> MNIST-M: "–"
     assert "| CDAN | 93.5 (n=1) | 96.0 | −2.5 ✗ | – | – | – | 5000 |" in lines
     assert "| MDD+MCC | not run | – | – | – | – | – | – |" in lines
-    assert sum(1 for line in lines if line.startswith("| ")) == 3 * (1 + len(run_digits.METHODS))  # 3 tables
+    # 3 tables; the first also has the 3 test-time adaptation rows (AdaBN, TENT online / after one pass)
+    assert sum(1 for line in lines if line.startswith("| ")) == 3 * (1 + len(run_digits.METHODS)) + 3
+    assert "| AdaBN (SHOT source model) | not run | – | – | – | – | – | – |" in lines
     # oracle (= last + 1 point) with the references, wall time: same rows and task columns
     assert "| method | MNIST → USPS | ref. | MNIST → MNIST-M | ref. |" in lines
     assert "| source only | 83.0 ± 1.0 (n=3) | 82.1 | not run | 52.25 |" in lines
@@ -447,3 +449,77 @@ def test_beyond_one_loss_table_compares_with_source_only_and_with_the_model_each
     assert rows["AdaBN (SHOT source model)"][1:4] == ["80.0 (n=1)", "+1.0", "+5.0"]
     assert rows["TENT (SHOT source model), online"][1] == "79.0 (n=1; 1 failed)"
     assert rows["SHOT-IM"][1] == "not run"
+
+
+def test_digits_table_has_the_test_time_adaptation_rows_after_the_fit_methods():
+    results = [_result("mnist2usps", "shot_source", s, v) for s, v in enumerate([0.76, 0.78])]
+    tta = {("mnist2usps", "adabn", 0): {"after_acc": 0.80}, ("mnist2usps", "adabn", 1): {},  # {}: not run
+           ("mnist2usps", "tent", 0): {"online_acc": 0.79, "after_acc": 0.81},
+           ("mnist2usps", "tent", 1): None}  # failed
+    text = run_digits.render(results, ["mnist2usps", "mnist2mnistm"], "cmd", Path("/o"), [], [0, 1], [], "d", tta=tta)
+    lines = text.splitlines()
+    assert "| SHOT source model | 77.0 ± 1.4 (n=2) | – | – | – | – | – | 5000 |" in lines
+    # after the fit rows; MNIST -> MNIST-M has no SHOT source model config: "–"
+    assert "| AdaBN (SHOT source model) | 80.0 (n=1) | – | – | – | – | – | – |" in lines
+    assert "| TENT (SHOT source model), online | 79.0 (n=1; 1 failed) | – | – | – | – | – | – |" in lines
+    assert "| TENT (SHOT source model), after one pass | 81.0 (n=1; 1 failed) | – | – | – | – | – | – |" in lines
+    assert lines.index("| AdaBN (SHOT source model) | 80.0 (n=1) | – | – | – | – | – | – |") > lines.index(
+        "| MCD | not run | 94.1 | – | – | – | – | – |")
+    assert sum(1 for line in lines if line.startswith("| ")) == 3 * (1 + len(run_digits.METHODS)) + 3
+    # only the methods asked for: no adaptation rows without adabn/tent
+    fit_only = run_digits.render(results, ["mnist2usps"], "cmd", Path("/o"), [], [0, 1], [], "d",
+                                 methods=["shot_source"], tta=tta)
+    assert "| AdaBN" not in fit_only and "| TENT" not in fit_only and "| SHOT source model |" in fit_only
+
+
+def test_test_time_adaptation_cells_run_once_are_recorded_and_rerun_when_their_source_model_is_newer(
+        tmp_path, monkeypatch):
+    from benchmarks.digits import tta
+
+    out, ledger = tmp_path / "out", tmp_path / "ledger"
+    config = tmp_path / "shot_source.yaml"
+    config.write_text("seed_everything: 0\n")
+    source = Cell(row="mnist2usps", col="shot_source", seed=0, out=out, name="mnist2usps/shot_source/seed0",
+                  args=["-c", str(config), "--seed_everything=0"], ledger=ledger)
+    calls = []
+
+    def fake_adapt(argv, **kwargs):  # tlframe adapt: writes <out>/adapt.json
+        calls.append(argv)
+        folder = Path(argv[argv.index("--out") + 1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "adapt.json").write_text(json.dumps({"after_acc": 0.5 + 0.1 * len(calls)}))
+        return subprocess.CompletedProcess(argv, 0, stdout="adapted\n", stderr="")
+
+    monkeypatch.setattr(tta.subprocess, "run", fake_adapt)
+    quiet = dict(log=lambda line: None)
+    # no SHOT source model yet: not run ({}), nothing started
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, **quiet) == {} and not calls
+    ckpt = tta.source_checkpoint(out, "mnist2usps", 0)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    os.utime(ckpt, (1_000, 1_000))
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, collect_only=True, **quiet) == {}
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, **quiet) == {"after_acc": 0.6}
+    assert calls[0][calls[0].index("--checkpoint") + 1] == str(ckpt) and "tent" in calls[0]
+    kept = json.loads((ledger / "tta" / "mnist2usps" / "tent" / "seed0.json").read_text())
+    assert kept == {"identity": common.cell_identity(source), "record": {"after_acc": 0.6}}
+    # done: not run again
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, **quiet) == {"after_acc": 0.6}
+    assert len(calls) == 1
+    # the source model was trained again after the adaptation: its adapt.json is stale, kept aside, run again
+    result = tta.tta_dir(out, "mnist2usps", "tent", 0) / "adapt.json"
+    os.utime(result, (500, 500))
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, collect_only=True, **quiet) == {
+        "after_acc": 0.6}  # collect-only moves nothing; the ledger record of this source cell still stands
+    (ledger / "tta" / "mnist2usps" / "tent" / "seed0.json").unlink()
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, **quiet) == {"after_acc": 0.7}
+    assert len(calls) == 2 and len(list(result.parent.glob("adapt.superseded-*.json"))) == 1
+    # a fresh checkout (no run folders): the ledger's record of the same source cell is tabled
+    import shutil
+
+    shutil.rmtree(out)
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, collect_only=True, **quiet) == {
+        "after_acc": 0.7}
+    # another source model config: the record is not its result
+    config.write_text("seed_everything: 1\n")
+    assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, collect_only=True, **quiet) == {}
