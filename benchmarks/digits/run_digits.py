@@ -3,9 +3,9 @@
 Grid: tasks {mnist2usps, usps2mnist, mnist2mnistm} x methods (source only, DANN, DAN, CDAN, CDAN+E, JAN, MCC,
 MDD, AFN, CORAL, BSP+DANN, DANN+MCC, MDD+MCC, FixMatch, Mean Teacher, the SHOT source model, SHOT-IM, SHOT, MCD,
 and the test-time adaptations AdaBN and TENT) x seeds (default 0 1 2); SHOT's source model runs before the SHOT runs
-that start from it, and AdaBN and TENT adapt it (``tlframe adapt``, :mod:`benchmarks.digits.tta`) after the fit runs. A cell runs when its config
-``configs/digits/<task>/<method>.yaml`` exists (the methods after DAN have configs for MNIST <-> USPS only),
-except DAN on MNIST -> MNIST-M, which has a config but no published number (``--all-cells`` runs it too).
+that start from it, and AdaBN and TENT adapt it (``tlframe adapt``, :mod:`benchmarks.digits.tta`) after the fit
+runs. A cell runs when its config ``configs/digits/<task>/<method>.yaml`` exists (the methods after DAN have
+configs for MNIST <-> USPS only), except DAN on MNIST -> MNIST-M, which has a config but no published number (``--all-cells`` runs it too).
 Each run is ``tlframe fit -c configs/digits/<task>/<method>.yaml --seed_everything=<seed>`` in a
 subprocess, logging to ``<out>/runs/<task>/<method>/seed<seed>/version_0``.
 Resumable: a run directory with ``done.json`` is not run again; rerunning the same command after

@@ -3,8 +3,8 @@
 The digits source-only network has no BatchNorm, so AdaBN and TENT adapt the SHOT source model (phase 1 of SHOT,
 a bottleneck with BN). One cell = ``(task, method, seed)``; it writes
 ``<out>/tta/<task>/<method>/seed<s>/adapt.json`` and, for the default output folder, the run ledger
-(``benchmarks/results/ledger/tta/<task>/<method>/seed<s>.json``, keyed by the identity of the SHOT source model's cell: a changed
-``shot_source`` config makes the recorded result stale). An ``adapt.json`` older than the checkpoint it adapted
+(``benchmarks/results/ledger/tta/<task>/<method>/seed<s>.json``, keyed by the identity of the SHOT source
+model's cell: a changed ``shot_source`` config makes the recorded result stale). An ``adapt.json`` older than the checkpoint it adapted
 (the source model was run again since) is stale too: it is kept as ``adapt.superseded-<time>.json`` and the cell
 runs again. Used by ``run_digits.py`` (rows of ``digits.md``) and ``run_beyond_one_loss.py``.
 """
