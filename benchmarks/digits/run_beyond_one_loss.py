@@ -28,7 +28,7 @@ from benchmarks.digits.common import (  # noqa: E402
     REPO, RunResult, cell_values, collect_cell, display_path, failures_section, format_cell, machine_lines,
     markdown_table, mean_std, regen_command, resolve_io, today, write_results,
 )
-from benchmarks.digits.tta import TTA_METHODS, run_tta, tta_rows  # noqa: E402
+from benchmarks.digits.tta import TTA_METHODS, failed_exit_code, run_tta, tta_rows  # noqa: E402
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST"}
 FIT_METHODS = ["source_only", "mcd", "fixmatch", "mean_teacher", "shot_source", "shot_im", "shot"]
@@ -142,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               log=lambda line: print(line, flush=True))
            for t in args.tasks for m in TTA_METHODS for s in args.seeds}
     text = render(results, tta, args.tasks, args.seeds, regen_command(Path(__file__), argv), out)
-    return write_results(results_path, text, results, "run_beyond_one_loss")
+    return max(write_results(results_path, text, results, "run_beyond_one_loss"),
+               failed_exit_code(tta, "run_beyond_one_loss"))
 
 
 if __name__ == "__main__":

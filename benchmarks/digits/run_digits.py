@@ -34,7 +34,7 @@ from benchmarks.digits.common import (  # noqa: E402
     format_cell, format_wall, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells,
     today, write_results,
 )
-from benchmarks.digits.tta import SOURCE_METHOD, TTA_METHODS, run_tta, tta_rows  # noqa: E402
+from benchmarks.digits.tta import SOURCE_METHOD, TTA_METHODS, failed_exit_code, run_tta, tta_rows  # noqa: E402
 
 TASKS = {"mnist2usps": "MNIST → USPS", "usps2mnist": "USPS → MNIST", "mnist2mnistm": "MNIST → MNIST-M"}
 METHODS = {
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            for t in tta_tasks for m in adaptations for s in args.seeds}
     text = render(results, args.tasks, regen_command(Path(__file__), argv), out, extra, args.seeds,
                   machine_lines(), today(), methods=args.methods, tta=tta)
-    return write_results(results_path, text, results, "run_digits")
+    return max(write_results(results_path, text, results, "run_digits"), failed_exit_code(tta, "run_digits"))
 
 
 if __name__ == "__main__":

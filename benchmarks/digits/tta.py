@@ -115,3 +115,11 @@ def tta_rows(tta: Mapping[tuple[str, str, int], Optional[dict[str, Any]]], tasks
                             sum(1 for r in records if r is None))
             rows.append((name, cells))
     return rows
+
+
+def failed_exit_code(tta: Mapping[tuple[str, str, int], Optional[dict[str, Any]]], name: str) -> int:
+    """1 (and a line naming them) when an adaptation failed, else 0: a runner's exit code counts them too."""
+    failed = sorted(f"{t}/{m}/seed{s}" for (t, m, s), r in tta.items() if r is None)
+    if failed:
+        print(f"{name}: {len(failed)} test-time adaptation(s) failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0

@@ -523,3 +523,14 @@ def test_test_time_adaptation_cells_run_once_are_recorded_and_rerun_when_their_s
     # another source model config: the record is not its result
     config.write_text("seed_everything: 1\n")
     assert tta.run_tta(out, tmp_path, "mnist2usps", "tent", 0, source, collect_only=True, **quiet) == {}
+
+
+def test_a_failed_test_time_adaptation_makes_the_runner_exit_nonzero(capsys):
+    from benchmarks.digits import tta
+
+    assert tta.failed_exit_code({("mnist2usps", "tent", 0): {"after_acc": 0.8}, ("mnist2usps", "adabn", 1): {}},
+                                "run_digits") == 0
+    assert tta.failed_exit_code({("mnist2usps", "tent", 0): None, ("usps2mnist", "adabn", 2): None},
+                                "run_digits") == 1
+    assert "run_digits: 2 test-time adaptation(s) failed: mnist2usps/tent/seed0, usps2mnist/adabn/seed2" in (
+        capsys.readouterr().out)
