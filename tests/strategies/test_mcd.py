@@ -1,6 +1,5 @@
-"""MCD: the discrepancy, the class-balance term, the three steps per batch with their own optimizers
-(which parts each step moves),
-the heads, the checkpointed optimizer and scheduler states, fp32 and bf16."""
+"""MCD: the discrepancy, the class-balance term, the three steps per batch with their own optimizers (which
+parts each step moves), the heads, the checkpointed optimizer and scheduler states, fp32 and bf16."""
 
 from __future__ import annotations
 
