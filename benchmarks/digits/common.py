@@ -161,6 +161,13 @@ def cell_identity(cell: Cell) -> str:
     return h.hexdigest()
 
 
+def ledger_for(out: Path, default_out: Path, extra: Sequence[str]) -> Optional[Path]:
+    """The ledger a runner's cells are recorded in: :data:`LEDGER` for runs in the benchmark's default output folder
+    without ``--extra`` overrides; ``None`` otherwise, so that a scratch folder or a modified run (a smoke run with
+    fewer steps) never replaces a recorded run's numbers."""
+    return LEDGER if out == default_out and not extra else None
+
+
 def ledger_file(cell: Cell, ledger: Path = LEDGER) -> Path:
     return ledger / f"{cell.name}.json"
 

@@ -30,9 +30,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cell, display_path, failures_section,
-    format_cell, format_wall, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells,
-    today, write_results,
+    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cell, display_path, failures_section,
+    format_cell, format_wall, ledger_for, machine_lines, markdown_table, mean_std, regen_command, resolve_io,
+    run_cells, today, write_results,
 )
 from benchmarks.digits.tta import SOURCE_METHOD, TTA_METHODS, failed_exit_code, run_tta, tta_rows  # noqa: E402
 
@@ -119,7 +119,7 @@ def build_cells(tasks: Sequence[str], methods: Sequence[str], seeds: Sequence[in
                     args=["-c", str(config_path(task, method)), f"--seed_everything={seed}",
                           *source_model_args(out, task, method, seed), *extra],
                     env={"TLFRAME_DATA_ROOT": str(data_root)},
-                    ledger=LEDGER if out == DEFAULT_OUT else None,  # a scratch --out is not recorded
+                    ledger=ledger_for(out, DEFAULT_OUT, extra),
                 ))
     return cells
 

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, REPO, Cell, RunResult, collect_cell, display_path, failures_section, format_cell, format_wall,
+    REPO, Cell, RunResult, collect_cell, display_path, failures_section, format_cell, format_wall, ledger_for,
     machine_lines, markdown_table, regen_command, resolve_io, run_cells, today, write_results,
 )
 from tlframe.data.domainbed import ROTATED_MNIST_ANGLES  # noqa: E402
@@ -87,7 +87,7 @@ def build_cells(algorithms: Sequence[str], test_domains: Sequence[int], seeds: S
                  args=["-c", str(REPO / "configs" / "domainbed" / "rotated_mnist" / f"{a}.yaml"),
                        f"--data.test_domain={d}", f"--seed_everything={s}", domains_override(s),
                        f"--trainer.max_epochs={steps // EVAL_EVERY}", *extra],
-                 env={"TLFRAME_DATA_ROOT": str(data_root)}, ledger=LEDGER if out == DEFAULT_OUT else None)
+                 env={"TLFRAME_DATA_ROOT": str(data_root)}, ledger=ledger_for(out, DEFAULT_OUT, extra))
             for a in algorithms for d in test_domains for s in seeds]
 
 

@@ -177,6 +177,12 @@ def test_digits_cells_commands(tmp_path):
     assert cells[3].env == {"TLFRAME_DATA_ROOT": "/data"}
     assert cells[3].run_dir == tmp_path / "runs/usps2mnist/mmd/seed1/version_0"
     assert cells[3].command().startswith("TLFRAME_DATA_ROOT=/data ")
+    assert cells[3].ledger is None  # a scratch --out is not recorded in the ledger
+    default = run_digits.build_cells(["usps2mnist"], ["mmd"], [0], run_digits.DEFAULT_OUT, Path("/data"), [])
+    assert default[0].ledger == common.LEDGER
+    # neither is a modified run (--extra) in the default folder: it must not replace the recorded numbers
+    smoke = run_digits.build_cells(["usps2mnist"], ["mmd"], [0], run_digits.DEFAULT_OUT, Path("/data"), ["--x=1"])
+    assert smoke[0].ledger is None
 
 
 def test_digits_runs_only_cells_with_a_reference_unless_all_cells(tmp_path):

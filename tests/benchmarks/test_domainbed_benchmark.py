@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.digits import common  # noqa: E402
 from benchmarks.digits.common import Cell, RunResult  # noqa: E402
 from benchmarks.domainbed import run_rotated_mnist as rm  # noqa: E402
 
@@ -33,7 +34,9 @@ def test_cells_hold_out_each_domain_with_the_trial_seed_in_every_domain(tmp_path
     assert [d["init_args"]["angle"] for d in domains] == [0, 15, 30, 45, 60, 75]
     assert {d["init_args"]["trial_seed"] for d in domains} == {1}
     default = rm.build_cells(["erm"], [0], [0], 5000, rm.DEFAULT_OUT, tmp_path, [])
-    assert default[0].ledger == rm.LEDGER
+    assert default[0].ledger == common.LEDGER
+    # modified runs (--extra, e.g. a smoke run) in the default folder must not replace the recorded numbers
+    assert rm.build_cells(["erm"], [0], [0], 5000, rm.DEFAULT_OUT, tmp_path, ["--trainer.max_steps=2"])[0].ledger is None
 
 
 def test_table_averages_the_domains_and_compares_with_domainbed():
