@@ -306,8 +306,8 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "- **Preprocessing, as TLlib's scripts** (`--resize-size 28 --norm-mean 0.5 --norm-std 0.5 --no-hflip`): "
         "USPS 16x16 resized to 28x28 (bilinear), grey images normalised with mean 0.5 and std 0.5, no "
         "augmentation. MNIST → MNIST-M: MNIST replicated to 3 channels and both domains at 28x28 with the same "
-        "normalisation (Ganin & Lempitsky subtract the mean image; the shared MNIST-M files are 32x32 and are "
-        "resized).",
+        "normalisation (Ganin & Lempitsky subtract the mean image); the shared MNIST-M files are 32x32, the 28x28 "
+        "digits padded by 2 pixels, and are centre-cropped to 28x28.",
         "- **Network (MNIST ↔ USPS), as TLlib's.** The backbone `lenet_tllib` is TLlib's digits LeNet "
         "(conv 20 - pool - ReLU - conv 50 - 2-d dropout 0.5 - pool - ReLU - FC 500 - ReLU - dropout 0.5; 500 "
         "features), so dropout acts before the bottleneck, inside the backbone. On it, each method's TLlib head: "
@@ -323,7 +323,9 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "DANN+MCC and MDD+MCC have no TLlib script (MCC's defaults on top of the DANN/MDD configs); CORAL has no "
         "TLlib digits script (the DANN digits settings).",
         "- **Network (MNIST → MNIST-M).** Ganin & Lempitsky's feature extractor (conv 32, conv 48, no batch "
-        "norm), a 100-unit bottleneck without dropout.",
+        "norm), a 100-unit Linear-ReLU bottleneck without batch norm or dropout and a linear classifier (the "
+        "paper's label predictor has two hidden layers of 100); DANN's discriminator reads the 768 convolutional "
+        "features, as the paper's, with 2 hidden layers of 500 and batch norm (the paper: one of 100).",
         "- **MNIST-M target**: the first 30,000 of its 59,001 training images (the shared data set); the test "
         "split is complete (9,001).",
         "- **Selection**: here the last checkpoint, no target labels. TLlib's digits scripts validate on the "

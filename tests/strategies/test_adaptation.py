@@ -49,6 +49,30 @@ def test_feature_extractor_gradient_is_reversed_and_scaled():
     assert torch.allclose(d_rev, d_plain, atol=1e-7)
 
 
+def test_dann_on_backbone_features_reverses_into_the_backbone_only():
+    """``domain_features: backbone`` (Ganin & Lempitsky's split): the discriminator reads z, so the adversarial
+    loss trains the backbone (reversed) and the discriminator, never the bottleneck or the classifier."""
+    torch.manual_seed(0)
+    model = TransferModule("dann_cnn", num_classes=10, bottleneck_dim=100, bottleneck_bn=False,
+                           strategy=DANN(domain_features="backbone", hidden=100)).eval()
+    assert model.strategy.discriminator[0].in_features == model.backbone.num_features == 768
+    (z_s, f_s, g_s), (z_t, f_t, g_t) = model._forward_domains(torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28))
+    step = TransferStep(z_s=z_s, f_s=f_s, logits_s=g_s, y_s=torch.zeros(4, dtype=torch.long),
+                        progress=Progress(1000, 0), z_t=z_t, f_t=f_t, logits_t=g_t)
+    adv = model.strategy.compute(step).losses["adv"]
+    head, backbone = list(model.head.parameters()), list(model.backbone.parameters())
+    grads = torch.autograd.grad(adv, head + backbone, allow_unused=True)
+    assert all(g is None for g in grads[:len(head)])
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads[len(head):])
+    d = model.strategy.discriminator(torch.cat([z_s, z_t]))
+    assert adv.item() == pytest.approx(domain_adversarial_loss(d[:4], d[4:])[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="domain_features='conv'.*'bottleneck'.*'backbone'"):
+        DANN(domain_features="conv")
+    from tlframe.strategies import CDAN
+    with pytest.raises(ValueError, match="domain_features is a DANN option"):
+        CDAN(domain_features="backbone")
+
+
 class StepRecorder(pl.Callback):
     def __init__(self):
         self.rows = {}

@@ -79,6 +79,11 @@ class DANN(Adaptation):
             total optimizer steps, so ``step / max_steps`` is the paper's training progress ``p``
             in [0, 1]. Ganin & Lempitsky's ``lambda_p = 2 / (1 + exp(-10 p)) - 1`` is
             ``grl_max_steps: auto, grl_alpha: 10``.
+        domain_features: what the discriminator reads. ``"bottleneck"`` (default, TLlib's): the bottleneck features
+            ``f``, so the reversed gradient trains the bottleneck and the backbone. ``"backbone"``: the backbone's
+            features ``z`` (Ganin & Lempitsky's split for their digit CNNs: the domain classifier and the label
+            predictor both start after the convolutions), so the bottleneck belongs to the label predictor and the
+            reversed gradient reaches the backbone only.
         num_domains: ``None`` (default): a source-vs-target discriminator (one logit, binary cross-entropy);
             an integer ``k``: multi-source DA with :class:`~tlframe.data.MultiDomainDataModule`, a discriminator
             with one output per domain (the ``S`` sources, then the ``T`` targets; ``k = S + T``) trained with the
@@ -92,8 +97,13 @@ class DANN(Adaptation):
 
     def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
                  grl_max_steps: Union[int, Literal["auto"]] = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
-                 num_domains: Optional[int] = None, **kwargs: Any):
+                 num_domains: Optional[int] = None, domain_features: Literal["bottleneck", "backbone"] = "bottleneck",
+                 **kwargs: Any):
         super().__init__(**kwargs)
+        if domain_features not in ("bottleneck", "backbone"):
+            raise ConfigError(f"domain_features={domain_features!r} must be 'bottleneck' (the bottleneck features, "
+                              "TLlib's) or 'backbone' (the backbone's features, Ganin & Lempitsky's split)")
+        self.domain_features = domain_features
         if num_domains is not None:
             check_number("num_domains", num_domains, low=2, integer=True)
         self.num_domains = num_domains
@@ -110,8 +120,9 @@ class DANN(Adaptation):
 
     def attach(self, backbone: nn.Module, head: nn.Module, num_classes: int) -> None:
         super().attach(backbone, head, num_classes)
-        self.discriminator = DomainDiscriminator(self.discriminator_in_features(head, num_classes), self.hidden,
-                                                 out_features=self.num_domains or 1)
+        width = backbone.num_features if self.domain_features == "backbone" else self.discriminator_in_features(
+            head, num_classes)
+        self.discriminator = DomainDiscriminator(width, self.hidden, out_features=self.num_domains or 1)
 
     def on_setup(self, stage: str, datamodule: Any) -> None:
         super().on_setup(stage, datamodule)
@@ -147,7 +158,8 @@ class DANN(Adaptation):
 
     def compute_transfer(self, step: TransferStep) -> StrategyOutput:
         coeff = self.coefficient(step.progress.step, step.progress.total_steps)
-        d_s, d_t = self.discriminate(step.f_s, step.f_t, coeff)
+        h_s, h_t = (step.z_s, step.z_t) if self.domain_features == "backbone" else (step.f_s, step.f_t)
+        d_s, d_t = self.discriminate(h_s, h_t, coeff)
         if self.num_domains is not None:
             adv, domain_acc = multi_domain_adversarial_loss(d_s, d_t, step)
         else:

@@ -82,6 +82,9 @@ class CDAN(DANN):
                  randomized: Union[bool, Literal["auto"]] = False, randomized_dim: int = 1024, randomized_seed: int = 0,
                  **kwargs: Any):
         super().__init__(trade_off=trade_off, **kwargs)
+        if self.domain_features != "bottleneck":
+            raise ConfigError("CDAN's discriminator reads the map of the bottleneck features and the predictions: "
+                              "domain_features is a DANN option; remove it, or use tlframe.strategies.DANN")
         if self.num_domains is not None:
             raise ConfigError("CDAN's discriminator is source vs target: num_domains is a DANN option (multi-source "
                               "DA); remove it, or use tlframe.strategies.DANN")
