@@ -210,6 +210,11 @@ def collect_cell(cell: Cell) -> Optional[RunResult]:
     return None if record is None else RunResult(cell, "recorded", record)
 
 
+def collect_cells(cells: Sequence[Cell]) -> list[RunResult]:
+    """``--collect-only``: the finished or recorded cells among ``cells`` (:func:`collect_cell`), running nothing."""
+    return [r for c in cells if (r := collect_cell(c)) is not None]
+
+
 def write_ledger(cell: Cell, record: dict[str, Any], ledger: Path = LEDGER) -> None:
     """Keep a finished cell's record (numbers, command, wall time; each tag's statistics of ``val/*`` only)."""
     kept = {**record, "scalars": {k: v for k, v in (record.get("scalars") or {}).items() if k.startswith("val/")}}

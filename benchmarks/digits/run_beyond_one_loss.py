@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits import run_digits  # noqa: E402
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, RunResult, cell_values, collect_cell, display_path, failures_section, format_cell, machine_lines,
+    REPO, RunResult, cell_values, collect_cells, display_path, failures_section, format_cell, machine_lines,
     markdown_table, mean_std, regen_command, resolve_io, today, write_results,
 )
 from benchmarks.digits.tta import TTA_METHODS, failed_exit_code, run_tta, tta_rows  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run_beyond_one_loss: {len(cells)} fit runs and {len(args.tasks) * len(args.seeds) * len(TTA_METHODS)} "
           f"adapt runs into {out}", flush=True)
     if args.collect_only:
-        results = [r for c in cells if (r := collect_cell(c)) is not None]
+        results = collect_cells(cells)
     else:
         ordered = sorted(cells, key=lambda c: (RUN_ORDER.index(c.col), c.row, c.seed))
         results = run_digits.run_source_models_first(ordered, args.workers)

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cell, display_path, failures_section,
+    ORACLE_NOTE, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cells, display_path, failures_section,
     format_cell, format_wall, ledger_for, machine_lines, markdown_table, mean_std, regen_command, resolve_io,
     run_cells, today, write_results,
 )
@@ -358,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"run_digits: {len(cells)} runs and {len(tta_tasks) * len(adaptations) * len(args.seeds)} test-time "
           f"adaptations into {out} (TLFRAME_DATA_ROOT={data_root})", flush=True)
     if args.collect_only:
-        results = [r for c in cells if (r := collect_cell(c)) is not None]
+        results = collect_cells(cells)
     else:
         results = run_source_models_first(cells, args.workers)
     source_cells = {(c.row, c.seed): c for c in build_cells(tta_tasks, [SOURCE_METHOD], args.seeds, out, data_root,

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    REPO, Cell, RunResult, collect_cell, display_path, failures_section, format_cell, format_wall, ledger_for,
+    REPO, Cell, RunResult, collect_cells, display_path, failures_section, format_cell, format_wall, ledger_for,
     machine_lines, markdown_table, regen_command, resolve_io, run_cells, today, write_results,
 )
 from tlframe.data.domainbed import ROTATED_MNIST_ANGLES  # noqa: E402
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = build_cells(args.algorithms, args.test_domains, args.seeds, args.steps, out, data_root, extra)
     print(f"run_rotated_mnist: {len(cells)} runs into {out}", flush=True)
     if args.collect_only:
-        results = [r for c in cells if (r := collect_cell(c)) is not None]
+        results = collect_cells(cells)
     else:
         results = run_cells(cells, log=lambda s: print(s, flush=True), workers=args.workers)
     text = render(results, args, regen_command(Path(__file__), argv), out)

@@ -24,7 +24,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.digits.common import (  # noqa: E402
-    LEDGER, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cell, display_path, failures_section, format_wall,
+    LEDGER, REPO, STD_NOTE, Cell, RunResult, cell_values, collect_cells, display_path, failures_section, format_wall,
     grid_table, ledger_for, machine_lines, markdown_table, mean_std, regen_command, resolve_io, run_cells, today,
     write_results,
 )
@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cells = build_cells(args.settings, args.seeds, out, data_root, extra)
     print(f"run_msda: {len(cells)} runs into {out}", flush=True)
     if args.collect_only:
-        results = [r for c in cells if (r := collect_cell(c)) is not None]
+        results = collect_cells(cells)
     else:
         results = run_cells(cells, log=lambda s: print(s, flush=True), workers=args.workers)
     text = render(results, cells, extra, regen_command(Path(__file__), argv), out)
