@@ -47,14 +47,18 @@ def grl_coefficient(step: int, total_steps: Optional[int], max_steps: Union[int,
 
 
 class DomainDiscriminator(nn.Sequential):
-    """``Linear-BN-ReLU-Linear-BN-ReLU-Linear``: features ``(N, in_features)`` -> domain logits ``(N, out_features)``
-    (1: source vs target; k: one per domain)."""
+    """``layers`` x ``Linear-BN-ReLU`` of width ``hidden``, then ``Linear``: features ``(N, in_features)`` -> domain
+    logits ``(N, out_features)`` (1: source vs target; k: one per domain). The default, two BN layers of 1024, is
+    TLlib's; Ganin & Lempitsky's digit discriminator is ``hidden=100, layers=1, batch_norm=False``."""
 
-    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, out_features: int = 1):
+    def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, out_features: int = 1,
+                 layers: int = 2):
         def block(i: int, o: int) -> list[nn.Module]:
             return [nn.Linear(i, o), nn.BatchNorm1d(o) if batch_norm else nn.Identity(), nn.ReLU(inplace=True)]
 
-        super().__init__(*block(in_features, hidden), *block(hidden, hidden), nn.Linear(hidden, out_features))
+        widths = [in_features] + [hidden] * layers
+        super().__init__(*(m for i, o in zip(widths, widths[1:]) for m in block(i, o)),
+                         nn.Linear(widths[-1], out_features))
 
 
 class DANN(Adaptation):
@@ -72,6 +76,8 @@ class DANN(Adaptation):
     Args:
         trade_off: weight of the adversarial loss.
         hidden: width of the discriminator's hidden layers.
+        discriminator_layers: number of hidden layers (2, TLlib's; Ganin & Lempitsky's digit networks use 1).
+        discriminator_bn: batch norm after each hidden layer (TLlib's; the paper's discriminator has none).
         discriminator_lr_mult: LR multiplier of the discriminator's parameter group.
         grl_max_steps, grl_alpha, grl_lo, grl_hi: warm-start schedule of the reversal coefficient.
             ``grl_max_steps`` is TLlib's fixed 1000 steps by default (for parity with its numbers),
@@ -95,7 +101,8 @@ class DANN(Adaptation):
     uses_target = True
     own_losses = ("cls", "adv")
 
-    def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_lr_mult: float = 1.0,
+    def __init__(self, trade_off: float = 1.0, hidden: int = 1024, discriminator_layers: int = 2,
+                 discriminator_bn: bool = True, discriminator_lr_mult: float = 1.0,
                  grl_max_steps: Union[int, Literal["auto"]] = 1000, grl_alpha: float = 1.0, grl_lo: float = 0.0, grl_hi: float = 1.0,
                  num_domains: Optional[int] = None, domain_features: Literal["bottleneck", "backbone"] = "bottleneck",
                  **kwargs: Any):
@@ -113,6 +120,9 @@ class DANN(Adaptation):
         check_grl_schedule(grl_max_steps, grl_alpha, grl_lo, grl_hi)
         check_number("trade_off", trade_off, low=0)
         check_number("hidden", hidden, low=1, integer=True)
+        check_number("discriminator_layers", discriminator_layers, low=0, integer=True)
+        self.discriminator_layers = discriminator_layers
+        self.discriminator_bn = discriminator_bn
         check_number("discriminator_lr_mult", discriminator_lr_mult, low=0)
         self.grl_max_steps = grl_max_steps
         self.grl = dict(alpha=grl_alpha, lo=grl_lo, hi=grl_hi)
@@ -122,7 +132,8 @@ class DANN(Adaptation):
         super().attach(backbone, head, num_classes)
         width = backbone.num_features if self.domain_features == "backbone" else self.discriminator_in_features(
             head, num_classes)
-        self.discriminator = DomainDiscriminator(width, self.hidden, out_features=self.num_domains or 1)
+        self.discriminator = DomainDiscriminator(width, self.hidden, batch_norm=self.discriminator_bn,
+                                                 out_features=self.num_domains or 1, layers=self.discriminator_layers)
 
     def on_setup(self, stage: str, datamodule: Any) -> None:
         super().on_setup(stage, datamodule)

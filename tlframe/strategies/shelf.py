@@ -74,7 +74,8 @@ class CDAN(DANN):
             ``rg (C, D)`` (standard normal, as TLlib's ``torch.randn``): the same matrices on every DDP rank and
             in every run with this seed, independent of the global RNG. They are buffers (``random_f``,
             ``random_g``) in the ``state_dict``, so resume and evaluation use the matrices of the run.
-        hidden, discriminator_lr_mult, grl_*: as :class:`DANN` (TLlib's CDAN discriminator: 1024 hidden units).
+        hidden, discriminator_layers, discriminator_bn, discriminator_lr_mult, grl_*: as :class:`DANN` (TLlib's CDAN
+            discriminator: two BN layers of 1024 hidden units).
         ``**kwargs``: ``terms`` and the :class:`~tlframe.strategies.FineTune` arguments.
     """
 
