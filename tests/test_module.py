@@ -59,3 +59,21 @@ def test_the_bottleneck_batch_norm_is_optional_as_in_tllibs_dan_head():
     assert layers(dan) == ["Linear", "ReLU", "Dropout"]  # tllib/alignment/dan.py ImageClassifier
     f, logits = dan.head(torch.randn(4, dan.backbone.num_features))
     assert f.shape == (4, 256) and logits.shape == (4, 10)
+
+
+def test_a_two_layer_bottleneck_is_ganin_and_lempitskys_label_predictor():
+    """``bottleneck_layers: 2`` stacks Linear-ReLU blocks (FC 100 - FC 100 - FC 10 on the 768 conv features);
+    one layer keeps the earlier state-dict keys, so older checkpoints still load."""
+    paper = TransferModule("dann_cnn", num_classes=10, bottleneck_dim=100, bottleneck_bn=False, bottleneck_layers=2)
+    assert [type(x).__name__ for x in paper.head.bottleneck] == ["Linear", "ReLU", "Linear", "ReLU"]
+    assert [(m.in_features, m.out_features) for m in paper.head.modules() if isinstance(m, torch.nn.Linear)] == [
+        (768, 100), (100, 100), (100, 10)]
+    f, logits = paper.head(torch.randn(3, 768))
+    assert f.shape == (3, 100) and logits.shape == (3, 10) and bool((f >= 0).all())
+    one = TransferModule("dann_cnn", num_classes=10, bottleneck_dim=100)
+    assert sorted(k for k in one.state_dict() if k.startswith("head.")) == [
+        "head.bottleneck.0.bias", "head.bottleneck.0.weight", "head.bottleneck.1.bias",
+        "head.bottleneck.1.num_batches_tracked", "head.bottleneck.1.running_mean", "head.bottleneck.1.running_var", "head.bottleneck.1.weight",
+        "head.classifier.bias", "head.classifier.weight"]
+    with pytest.raises(ValueError, match="bottleneck_layers"):
+        TransferModule("dann_cnn", num_classes=10, bottleneck_layers=0)

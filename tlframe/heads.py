@@ -9,19 +9,24 @@ __all__ = ["Bottleneck", "TransferHead"]
 
 
 class Bottleneck(nn.Sequential):
-    """``Linear(in_features, dim) -> [BatchNorm1d] -> ReLU -> [Dropout]``; shapes ``(N, in) -> (N, dim)``.
+    """``layers`` x ``Linear(·, dim) -> [BatchNorm1d] -> ReLU -> [Dropout]``; shapes ``(N, in) -> (N, dim)``.
 
-    The TLlib default (``dim=256``, BN, no dropout). The strategies align these features.
+    The TLlib default (``dim=256``, one layer, BN, no dropout). The strategies align the last layer's output.
+    ``layers=2, dim=100, batch_norm=False`` with the classifier is Ganin & Lempitsky's digit label predictor
+    (FC 100 - FC 100 - FC 10). With one layer the state-dict keys are those of earlier tlframe versions.
     """
 
-    def __init__(self, in_features: int, dim: int = 256, batch_norm: bool = True, dropout: float = 0.0):
-        layers: list[nn.Module] = [nn.Linear(in_features, dim)]
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(dim))
-        layers.append(nn.ReLU(inplace=True))
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        super().__init__(*layers)
+    def __init__(self, in_features: int, dim: int = 256, batch_norm: bool = True, dropout: float = 0.0,
+                 layers: int = 1):
+        modules: list[nn.Module] = []
+        for width_in in [in_features] + [dim] * (layers - 1):
+            modules.append(nn.Linear(width_in, dim))
+            if batch_norm:
+                modules.append(nn.BatchNorm1d(dim))
+            modules.append(nn.ReLU(inplace=True))
+            if dropout > 0:
+                modules.append(nn.Dropout(dropout))
+        super().__init__(*modules)
         self.out_features = dim
 
 
@@ -34,9 +39,9 @@ class TransferHead(nn.Module):
     """
 
     def __init__(self, in_features: int, num_classes: int, dim: int = 256, batch_norm: bool = True,
-                 dropout: float = 0.0, weight_norm: bool = False):
+                 dropout: float = 0.0, weight_norm: bool = False, layers: int = 1):
         super().__init__()
-        self.bottleneck = Bottleneck(in_features, dim, batch_norm, dropout) if dim > 0 else nn.Identity()
+        self.bottleneck = Bottleneck(in_features, dim, batch_norm, dropout, layers) if dim > 0 else nn.Identity()
         self.out_features = dim if dim > 0 else in_features
         self.classifier = nn.Linear(self.out_features, num_classes)
         if weight_norm:

@@ -103,6 +103,8 @@ class TransferModule(pl.LightningModule):
         strategy: the adaptation strategy (default :class:`~tlframe.strategies.FineTune`).
         bottleneck_dim: width of the bottleneck (``0``: classifier directly on the features).
         bottleneck_dropout: dropout after the bottleneck's ReLU.
+        bottleneck_layers: number of bottleneck layers of width ``bottleneck_dim`` (2 with the classifier is Ganin
+            & Lempitsky's digit label predictor, FC 100 - FC 100 - FC 10).
         bottleneck_bn: batch norm between the bottleneck's Linear and ReLU (TLlib's default head; ``false`` for
             TLlib's DAN head ``Linear-ReLU-Dropout``).
         weight_norm_classifier: a weight-normalised classifier (SHOT's source model), see
@@ -145,6 +147,7 @@ class TransferModule(pl.LightningModule):
         bottleneck_dim: int = 256,
         bottleneck_dropout: float = 0.0,
         bottleneck_bn: bool = True,
+        bottleneck_layers: int = 1,
         weight_norm_classifier: bool = False,
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -164,6 +167,7 @@ class TransferModule(pl.LightningModule):
         check_number("weight_decay", weight_decay, low=0)
         check_number("bottleneck_dim", bottleneck_dim, low=0, integer=True)
         check_number("bottleneck_dropout", bottleneck_dropout, low=0, high=1, high_open=True)
+        check_number("bottleneck_layers", bottleneck_layers, low=1, integer=True)
         check_number("validator_samples", validator_samples, low=2, integer=True)
         # From the CLI (or load_from_checkpoint of a CLI run) the hparams are the config, where the
         # strategy is its class_path/init_args: keep it, so load_from_checkpoint rebuilds it. Built in
@@ -182,7 +186,7 @@ class TransferModule(pl.LightningModule):
             self.backbone.compile()  # compiles __call__ in place: no wrapper module, same state_dict keys
         self.channels_last = channels_last
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout,
-                                 batch_norm=bottleneck_bn, weight_norm=weight_norm_classifier)
+                                 batch_norm=bottleneck_bn, weight_norm=weight_norm_classifier, layers=bottleneck_layers)
         if weights_head:
             if weights is None:
                 raise ConfigError("weights_head: true loads the head of the `weights` checkpoint, but model.weights "

@@ -148,7 +148,8 @@ def build(cand: Candidate) -> Built:
         num_classes = int(head_state["classifier.weight"].shape[0])
         head = TransferHead(backbone.num_features, num_classes, dim=int(hp.get("bottleneck_dim", 256)),
                             dropout=float(hp.get("bottleneck_dropout", 0.0)),
-                            batch_norm=bool(hp.get("bottleneck_bn", True)))
+                            batch_norm=bool(hp.get("bottleneck_bn", True)),
+                            layers=int(hp.get("bottleneck_layers", 1)))
         head.load_state_dict(head_state)
         head.eval()
         return Built(backbone, f"{name} {sorted(kwargs.items())}", lambda z: head(z)[1], num_classes)
