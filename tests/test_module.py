@@ -73,7 +73,8 @@ def test_a_two_layer_bottleneck_is_ganin_and_lempitskys_label_predictor():
     one = TransferModule("dann_cnn", num_classes=10, bottleneck_dim=100)
     assert sorted(k for k in one.state_dict() if k.startswith("head.")) == [
         "head.bottleneck.0.bias", "head.bottleneck.0.weight", "head.bottleneck.1.bias",
-        "head.bottleneck.1.num_batches_tracked", "head.bottleneck.1.running_mean", "head.bottleneck.1.running_var", "head.bottleneck.1.weight",
+        "head.bottleneck.1.num_batches_tracked", "head.bottleneck.1.running_mean", "head.bottleneck.1.running_var",
+        "head.bottleneck.1.weight",
         "head.classifier.bias", "head.classifier.weight"]
     with pytest.raises(ValueError, match="bottleneck_layers"):
         TransferModule("dann_cnn", num_classes=10, bottleneck_layers=0)

@@ -5,7 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Bottleneck", "TransferHead"]
+__all__ = ["Bottleneck", "TransferHead", "linear_relu_blocks"]
+
+
+def linear_relu_blocks(in_features: int, width: int, layers: int, batch_norm: bool = True,
+                       dropout: float = 0.0) -> list[nn.Module]:
+    """``layers`` x ``Linear(·, width) -> [BatchNorm1d] -> ReLU -> [Dropout]``, the first from ``in_features``:
+    the bottleneck's and the domain discriminator's hidden layers."""
+    modules: list[nn.Module] = []
+    for width_in in [in_features] + [width] * (layers - 1):
+        modules.append(nn.Linear(width_in, width))
+        if batch_norm:
+            modules.append(nn.BatchNorm1d(width))
+        modules.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            modules.append(nn.Dropout(dropout))
+    return modules
 
 
 class Bottleneck(nn.Sequential):
@@ -18,15 +33,7 @@ class Bottleneck(nn.Sequential):
 
     def __init__(self, in_features: int, dim: int = 256, batch_norm: bool = True, dropout: float = 0.0,
                  layers: int = 1):
-        modules: list[nn.Module] = []
-        for width_in in [in_features] + [dim] * (layers - 1):
-            modules.append(nn.Linear(width_in, dim))
-            if batch_norm:
-                modules.append(nn.BatchNorm1d(dim))
-            modules.append(nn.ReLU(inplace=True))
-            if dropout > 0:
-                modules.append(nn.Dropout(dropout))
-        super().__init__(*modules)
+        super().__init__(*linear_relu_blocks(in_features, dim, layers, batch_norm, dropout))
         self.out_features = dim
 
 

@@ -78,8 +78,8 @@ def test_dann_discriminator_shape_options_build_the_papers_digit_discriminator()
     classifier (768 -> 100 -> ReLU -> 1); the default stays TLlib's two BN layers; bad values are refused."""
     paper = TransferModule("dann_cnn", num_classes=10, bottleneck_dim=100, bottleneck_bn=False, strategy=DANN(
         domain_features="backbone", hidden=100, discriminator_layers=1, discriminator_bn=False)).strategy.discriminator
-    assert [type(m).__name__ for m in paper] == ["Linear", "Identity", "ReLU", "Linear"]
-    assert (paper[0].in_features, paper[0].out_features, paper[3].out_features) == (768, 100, 1)
+    assert [type(m).__name__ for m in paper] == ["Linear", "ReLU", "Linear"]
+    assert (paper[0].in_features, paper[0].out_features, paper[2].out_features) == (768, 100, 1)
     assert paper(torch.randn(5, 768)).shape == (5, 1)
     tllib = TransferModule("dann_cnn", num_classes=10, strategy=DANN(hidden=64)).strategy.discriminator
     assert [type(m).__name__ for m in tllib] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear"]

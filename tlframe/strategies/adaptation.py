@@ -14,6 +14,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from tlframe.checks import ConfigError, check_number
+from tlframe.heads import linear_relu_blocks
 from tlframe.losses import domain_adversarial_loss, gradient_reverse, mk_mmd, warm_start_coefficient
 from tlframe.optim import ParamGroup
 from tlframe.strategies.base import StrategyOutput, TransferStep
@@ -53,12 +54,8 @@ class DomainDiscriminator(nn.Sequential):
 
     def __init__(self, in_features: int, hidden: int = 1024, batch_norm: bool = True, out_features: int = 1,
                  layers: int = 2):
-        def block(i: int, o: int) -> list[nn.Module]:
-            return [nn.Linear(i, o), nn.BatchNorm1d(o) if batch_norm else nn.Identity(), nn.ReLU(inplace=True)]
-
-        widths = [in_features] + [hidden] * layers
-        super().__init__(*(m for i, o in zip(widths, widths[1:]) for m in block(i, o)),
-                         nn.Linear(widths[-1], out_features))
+        hidden_layers = linear_relu_blocks(in_features, hidden, layers, batch_norm) if layers else []
+        super().__init__(*hidden_layers, nn.Linear(hidden if layers else in_features, out_features))
 
 
 class DANN(Adaptation):
