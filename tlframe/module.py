@@ -500,8 +500,11 @@ class TransferModule(pl.LightningModule):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that names mismatching tensors and the fix instead of a size-mismatch dump."""
         own = self.state_dict()
+        # ``*._extra_state`` is a strategy's own record (e.g. SHOT's pseudo-label per target image), sized by the
+        # run, not by the model: a fresh model holds an empty one, and its set_extra_state checks what it loads.
         wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state_dict.items() if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+                 for k, v in state_dict.items() if k in own and not k.endswith("_extra_state")
+                 and hasattr(v, "shape") and v.shape != own[k].shape]
         missing = sorted(set(own) - set(state_dict)) if strict else []
         unexpected = sorted(set(state_dict) - set(own)) if strict else []
         if wrong or missing or unexpected:

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from conftest import make_synthetic_dm, make_trainer
 from tlframe.backbones import BackboneError
@@ -134,6 +135,31 @@ def test_shot_labels_are_checkpointed_and_shot_im_makes_none(tmp_path):
     dm = _target_only_dm()
     make_trainer(tmp_path, max_steps=3, limit_val_batches=1).fit(im, dm)
     assert im.strategy.pseudo_label_epoch == -1 and "target train" in dm.loaders
+
+
+def test_shot_resumes_mid_epoch_on_the_checkpointed_labels(tmp_path):
+    """``fit --ckpt_path`` into a fresh model: its empty label record takes the run's 64 labels (no size error),
+    and the resumed epoch trains on them instead of labelling again."""
+    _, path = _source_model(tmp_path)
+
+    def shot_model():
+        return TransferModule("dtn", num_classes=10, weight_norm_classifier=True, weights=str(path),
+                              weights_head=True, strategy=SHOT(pseudo_label_weight=0.3))
+
+    mid = ModelCheckpoint(dirpath=tmp_path, filename="mid", every_n_train_steps=10)  # as last.ckpt is written
+    make_trainer(tmp_path / "a", max_steps=11, limit_val_batches=1, enable_checkpointing=True,
+                 callbacks=[mid]).fit(shot_model(), _target_only_dm())  # step 10: epoch 1, 2 of its 8 steps
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=False)
+    state = ckpt["state_dict"]["strategy._extra_state"]
+    assert int(state[0]) == 1 and state.shape == (65,)  # epoch, then one label per target image
+    state[1:] = 3  # labels no labelling pass would give: the resumed run must have read them
+    torch.save(ckpt, tmp_path / "mid.ckpt")
+    resumed = shot_model()
+    assert resumed.strategy.pseudo_labels.shape == (0,)
+    make_trainer(tmp_path / "b", max_steps=12, limit_val_batches=1).fit(resumed, _target_only_dm(),
+                                                                          ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert resumed.global_step == 12 and resumed.strategy.pseudo_label_epoch == 1
+    assert torch.equal(resumed.strategy.pseudo_labels, torch.full((64,), 3))
 
 
 def test_source_free_mistakes_are_clear_errors(tmp_path):
