@@ -78,3 +78,18 @@ def test_a_two_layer_bottleneck_is_ganin_and_lempitskys_label_predictor():
         "head.classifier.bias", "head.classifier.weight"]
     with pytest.raises(ValueError, match="bottleneck_layers"):
         TransferModule("dann_cnn", num_classes=10, bottleneck_layers=0)
+
+
+def test_bottleneck_without_relu_is_shots_and_loads_a_relu_checkpoint():
+    """``bottleneck_relu: false`` + dropout 0.5 is SHOT's Linear-BN-Dropout: features of both signs, the same keys
+    as the default head (a checkpoint of either loads into the other)."""
+    shot = TransferModule("lenet", num_classes=10, bottleneck_dropout=0.5, bottleneck_relu=False).eval()
+    assert [type(x).__name__ for x in shot.head.bottleneck] == ["Linear", "BatchNorm1d", "Dropout"]
+    assert shot.backbone.num_features == 800  # SHOT's LeNetBase
+    default = TransferModule("lenet", num_classes=10, bottleneck_dropout=0.5).eval()
+    assert shot.state_dict().keys() == default.state_dict().keys()
+    shot.load_state_dict(default.state_dict())
+    x = torch.randn(4, 1, 28, 28)
+    f_shot, _ = shot.head(shot.backbone(x))
+    f_default, _ = default.head(default.backbone(x))
+    assert bool((f_shot < 0).any()) and torch.equal(f_default, f_shot.clamp(min=0))  # the ReLU is all that differs

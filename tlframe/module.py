@@ -102,11 +102,13 @@ class TransferModule(pl.LightningModule):
         backbone_kwargs: extra ``timm.create_model`` arguments (``in_chans``, ``drop_path_rate``, ...).
         strategy: the adaptation strategy (default :class:`~tlframe.strategies.FineTune`).
         bottleneck_dim: width of the bottleneck (``0``: classifier directly on the features).
-        bottleneck_dropout: dropout after the bottleneck's ReLU.
+        bottleneck_dropout: dropout after the bottleneck's ReLU (after its BN when ``bottleneck_relu`` is false).
         bottleneck_layers: number of bottleneck layers of width ``bottleneck_dim`` (2 with the classifier is Ganin
             & Lempitsky's digit label predictor, FC 100 - FC 100 - FC 10).
         bottleneck_bn: batch norm between the bottleneck's Linear and ReLU (TLlib's default head; ``false`` for
             TLlib's DAN head ``Linear-ReLU-Dropout``).
+        bottleneck_relu: the bottleneck's ReLU; ``false`` with ``bottleneck_dropout: 0.5`` is SHOT's bottleneck
+            ``Linear-BN-Dropout`` (features of either sign, which SHOT's cosine centroids then see).
         weight_norm_classifier: a weight-normalised classifier (SHOT's source model), see
             :class:`~tlframe.heads.TransferHead`.
         lr, momentum, weight_decay, nesterov: the default optimizer, SGD as in the reference
@@ -148,6 +150,7 @@ class TransferModule(pl.LightningModule):
         bottleneck_dropout: float = 0.0,
         bottleneck_bn: bool = True,
         bottleneck_layers: int = 1,
+        bottleneck_relu: bool = True,
         weight_norm_classifier: bool = False,
         lr: float = 0.01,
         momentum: float = 0.9,
@@ -186,7 +189,8 @@ class TransferModule(pl.LightningModule):
             self.backbone.compile()  # compiles __call__ in place: no wrapper module, same state_dict keys
         self.channels_last = channels_last
         self.head = TransferHead(self.backbone.num_features, num_classes, dim=bottleneck_dim, dropout=bottleneck_dropout,
-                                 batch_norm=bottleneck_bn, weight_norm=weight_norm_classifier, layers=bottleneck_layers)
+                                 batch_norm=bottleneck_bn, weight_norm=weight_norm_classifier, layers=bottleneck_layers,
+                                 relu=bottleneck_relu)
         if weights_head:
             if weights is None:
                 raise ConfigError("weights_head: true loads the head of the `weights` checkpoint, but model.weights "
