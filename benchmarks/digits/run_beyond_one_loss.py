@@ -116,7 +116,8 @@ def render(results: Sequence[RunResult], tta: dict, tasks: Sequence[str], seeds:
         "unlabelled stream (TENT: Adam 1e-3 on the BN affine parameters, batch 64; \"online\" scores each batch "
         "before its update, \"after one pass\" predicts the stream again).",
         "- references: MCD 94.1 (MNIST → USPS) and 97.6 (USPS → MNIST), TLlib's digits table; SHOT 98.0 (MNIST → USPS) and 98.4 (USPS → MNIST), Liang et al., ICML 2020, digits table "
-        "(LeNet-style networks, 30 epochs per phase, the best of their settings). FixMatch, Mean Teacher, AdaBN "
+        "(LeNet-style networks, 30 epochs per phase, the best of their settings); that table's SHOT-IM row could "
+        "not be retrieved on this machine (no copy of the paper reachable), so SHOT-IM shows no reference. FixMatch, Mean Teacher, AdaBN "
         "and TENT have no published digits number for these tasks: compare them with the source-only row.",
         *machine_lines(),
         *failures_section(results),

@@ -269,7 +269,9 @@ def render(results: Sequence[RunResult], tasks: Sequence[str], command: str, out
         "model, over the target test split as an unlabelled stream; the source-only LeNet has no BatchNorm to "
         "adapt; TENT \"online\" scores each batch before its update, \"after one pass\" predicts the stream "
         "again). References: TLlib's MCD; SHOT, Liang et al., ICML 2020, digits table (LeNet-style networks, 30 "
-        "epochs per phase). FixMatch, Mean Teacher, SHOT-IM, AdaBN and TENT have no published digits number: "
+        "epochs per phase). The SHOT paper's digits table also has a SHOT-IM row, but no copy of the paper or "
+        "of a page quoting that row could be reached from this machine, so its cell shows no reference rather "
+        "than a number from memory. FixMatch, Mean Teacher, AdaBN and TENT have no published digits number: "
         "compare them with the source-only row (and AdaBN, TENT, SHOT-IM and SHOT with the SHOT source model). "
         "`digits_beyond_one_loss*.md` (`run_beyond_one_loss.py`) shows these rows with their differences to both.",
         "",
