@@ -75,17 +75,16 @@ def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, per_ba
     pytest.fail("the run ended before a mid-epoch checkpoint could be interrupted")
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys, strategy):
-    ARGS = [*COMMON, *STRATEGIES[strategy]]
-    per_batch = PER_BATCH.get(strategy, 1)
-    main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
+def _full_then_killed_and_resumed(tmp_path, capsys, args: list[str], per_batch: int = 1):
+    """Run ``args`` uninterrupted; run them again, SIGKILL mid-epoch, resume from last.ckpt. Returns both final
+    checkpoints and both runs' printed output."""
+    main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/full"])
     full_out = capsys.readouterr().out
     reference = _state(tmp_path / "full" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
     assert reference["global_step"] == 4 * ITERS * per_batch
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "tlframe", "fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/killed"],
+    proc = subprocess.Popen([sys.executable, "-m", "tlframe", "fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/killed"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run = tmp_path / "killed" / "quickstart" / "version_0" / "checkpoints"
     step = _kill_when_last_ckpt_is_mid_epoch(proc, run / "last.ckpt", per_batch)
@@ -93,10 +92,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
     killed_at = _state(run / "last.ckpt")  # complete and loadable: written atomically
     assert killed_at["global_step"] == step
 
-    main(["fit", *ARGS, f"--trainer.logger.init_args.save_dir={tmp_path}/killed", f"--ckpt_path={run / 'last.ckpt'}"])
+    main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path}/killed", f"--ckpt_path={run / 'last.ckpt'}"])
     resumed_out = capsys.readouterr().out
     resumed = _state(tmp_path / "killed" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt")
     assert resumed["global_step"] == reference["global_step"]
+    return reference, resumed, full_out, resumed_out
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys, strategy):
+    per_batch = PER_BATCH.get(strategy, 1)
+    reference, resumed, full_out, resumed_out = _full_then_killed_and_resumed(
+        tmp_path, capsys, [*COMMON, *STRATEGIES[strategy]], per_batch)
     if strategy == "dann_bbse":
         assert int(reference["state_dict"]["strategy.label_shift_epoch"]) == 3  # re-estimated at epochs 1, 2, 3
     elif strategy == "mcd":  # both optimizers' and schedulers' states come back too
@@ -109,6 +116,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
         assert torch.equal(value, resumed["state_dict"][key]), key
     metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
     assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 11  # with entropy, SND, IM, DEV, A-distance
+
+
+def test_source_free_shot_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
+    """SHOT phase 2 (no source data; pseudo-labels per target image in ``strategy._extra_state``): the resumed run
+    loads the killed run's labels into a fresh model and ends bit for bit like the uninterrupted one."""
+    shot_model = ["--model.weight_norm_classifier=true"]
+    main(["fit", *COMMON, *shot_model, "--trainer.max_epochs=1", f"--trainer.logger.init_args.save_dir={tmp_path}/source"])
+    capsys.readouterr()
+    source = tmp_path / "source" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    args = [*[a for a in COMMON if not a.startswith("--data.source.")], *shot_model, "--data.source=null",
+            "--model.strategy=tlframe.strategies.SHOT", f"--model.weights={source}", "--model.weights_head=true"]
+    reference, resumed, full_out, resumed_out = _full_then_killed_and_resumed(tmp_path / "shot", capsys, args)
+    labels = reference["state_dict"]["strategy._extra_state"]
+    assert int(labels[0]) == 3 and labels.shape == (1 + 200,)  # labelled at epoch 3, one label per target image
+    assert _same(resumed["state_dict"], reference["state_dict"])
+    metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
+    assert metrics(resumed_out) == metrics(full_out) and any("val/target_acc" in m for m in metrics(full_out))
 
 
 def test_several_domains_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
