@@ -42,7 +42,7 @@ def test_quickstart_fit_writes_logs_checkpoints_and_prints_results(tmp_path, cap
     assert [v["monitor"] for v in callbacks.values()] == ["val/source_acc"]  # label-free selection
 
 
-def test_test_validate_predict_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys):
+def test_test_validate_predict_from_checkpoint_and_checkpoint_as_pretrained_backbone(tmp_path, capsys, monkeypatch):
     main(["fit", *small_quickstart(tmp_path)])
     run = tmp_path / "runs" / "quickstart" / "version_0"
     last = run / "checkpoints" / "last.ckpt"
@@ -59,6 +59,13 @@ def test_test_validate_predict_from_checkpoint_and_checkpoint_as_pretrained_back
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     tags = EventAccumulator(str(run / "test" / "last")).Reload().Tags()["scalars"]
     assert "test/target_acc" in tags and "hp_metric" not in tags
+    # without a logger the run's record still goes beside the checkpoint, never into the current directory
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    main(["validate", *small_quickstart(tmp_path), f"--ckpt_path={last}", "--trainer.logger=false"])
+    assert "tlframe: val results" in capsys.readouterr().out and list(cwd.iterdir()) == []
+    assert (run / "validate" / "last" / "config.yaml").is_file() and (run / "validate" / "last" / "run_info.json").is_file()
     # transfer: a new run starting from the first run's backbone, with a frozen backbone
     main(["fit", *small_quickstart(tmp_path, f"--model.weights={last}", "--model.strategy=tlframe.strategies.FrozenFeatures",
                                    "--trainer.max_epochs=1")])

@@ -137,7 +137,9 @@ class TLFrameCLI(LightningCLI):
         The TensorBoard logger is pointed at ``<run>/<subcommand>/<checkpoint name>/`` (``<run>``:
         the folder holding ``checkpoints/``), so ``config.yaml``, ``run_info.json``, the test scalars
         and ``predictions.csv`` land beside the model they evaluate, and no ``version_N`` with only
-        a placeholder metric appears among the training runs.
+        a placeholder metric appears among the training runs. With ``trainer.logger: false`` the same folder
+        becomes the trainer's ``default_root_dir`` (its ``log_dir`` without a logger), so those files still go
+        beside the checkpoint instead of into the current directory.
         """
         ckpt = self.config[self.subcommand].get("ckpt_path")
         trainer = self.trainer
@@ -149,6 +151,8 @@ class TLFrameCLI(LightningCLI):
                                      default_hp_metric=False) if isinstance(lg, TensorBoardLogger) else lg
                    for lg in trainer.loggers]
         trainer.loggers = loggers
+        if not loggers:
+            trainer._default_root_dir = str(run_dir / self.subcommand / path.stem)
 
 
 def _check_cpu_devices(config) -> None:
