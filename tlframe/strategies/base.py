@@ -271,8 +271,10 @@ class Strategy(nn.Module):
         """Training starts (``progress.step == 0`` on a fresh run; after a resume's restore otherwise)."""
 
     def on_train_epoch_start(self, module: Any) -> None:
-        """An epoch starts (after a resume's restore too); ``module`` is the :class:`~tlframe.module.TransferModule`,
-        e.g. for a pass over the target data (SHOT's centroid pseudo-labels). Nothing by default."""
+        """An epoch starts; ``module`` is the :class:`~tlframe.module.TransferModule`, e.g. for a pass over the
+        target data (SHOT's centroid pseudo-labels). Lightning does not call it for the epoch that a mid-epoch
+        resume continues: what it computes for an epoch belongs in the checkpoint (``state_dict``/extra state),
+        and :meth:`on_train_start` is where to check what came back. Nothing by default."""
 
     def param_groups(self, backbone: nn.Module, head: nn.Module) -> list[ParamGroup]:
         """Parameter groups with ``lr_mult``; the base trains only the head."""

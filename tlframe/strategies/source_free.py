@@ -93,6 +93,15 @@ class SHOT(FineTune):
         super().attach(backbone, head, num_classes)
         head.classifier.requires_grad_(False)  # the source hypothesis stays as it is
 
+    def on_train_start(self, progress: Any, trainer: Any) -> None:
+        super().on_train_start(progress, trainer)
+        split = getattr(trainer.datamodule, "target_train", None)
+        if len(self.pseudo_labels) and split is not None and len(split) != len(self.pseudo_labels):
+            raise ValueError(
+                f"SHOT: the checkpoint holds pseudo-labels for {len(self.pseudo_labels)} target images, but "
+                f"data.target's train split has {len(split)}: resume with the data config of the run that wrote "
+                "the checkpoint (or start a new run from it with model.weights)")
+
     def on_train_epoch_start(self, module: Any) -> None:
         if self.pseudo_label_weight == 0 or self.pseudo_label_epoch == module.current_epoch:
             return  # SHOT-IM, or resumed mid-epoch: the labels of this epoch are in the checkpoint
