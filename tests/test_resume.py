@@ -75,6 +75,11 @@ def _kill_when_last_ckpt_is_mid_epoch(proc: subprocess.Popen, last: Path, per_ba
     pytest.fail("the run ended before a mid-epoch checkpoint could be interrupted")
 
 
+def _val_lines(out: str) -> list[str]:
+    """The ``val/...`` lines of a run's printed results."""
+    return [line for line in out.splitlines() if line.strip().startswith("val/")]
+
+
 def _full_then_killed_and_resumed(tmp_path, capsys, args: list[str], per_batch: int = 1):
     """Run ``args`` uninterrupted; run them again, SIGKILL mid-epoch, resume from last.ckpt. Returns both final
     checkpoints and both runs' printed output."""
@@ -114,8 +119,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsy
         assert int(reference["state_dict"]["strategy.terms.0.teacher.ema_step"]) == 4 * ITERS - 1
     for key, value in reference["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
-    metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
-    assert metrics(resumed_out) == metrics(full_out) and len(metrics(full_out)) == 11  # with entropy, SND, IM, DEV, A-distance
+    assert _val_lines(resumed_out) == _val_lines(full_out) and len(_val_lines(full_out)) == 11  # with entropy, SND, IM, DEV, A-distance
 
 
 def test_source_free_shot_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):
@@ -131,8 +135,7 @@ def test_source_free_shot_sigkill_mid_epoch_then_resume_matches_uninterrupted_ru
     labels = reference["state_dict"]["strategy._extra_state"]
     assert int(labels[0]) == 3 and labels.shape == (1 + 200,)  # labelled at epoch 3, one label per target image
     assert _same(resumed["state_dict"], reference["state_dict"])
-    metrics = lambda out: [line for line in out.splitlines() if line.strip().startswith("val/")]  # noqa: E731
-    assert metrics(resumed_out) == metrics(full_out) and any("val/target_acc" in m for m in metrics(full_out))
+    assert _val_lines(resumed_out) == _val_lines(full_out) and any("val/target_acc" in m for m in _val_lines(full_out))
 
 
 def test_several_domains_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, capsys):

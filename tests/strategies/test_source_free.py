@@ -163,7 +163,7 @@ def test_shot_resumes_mid_epoch_on_the_checkpointed_labels(tmp_path):
     state = torch.cat([state[:1], state[1:11]])  # labels of another target set: 10 images, not 64
     ckpt["state_dict"]["strategy._extra_state"] = state
     torch.save(ckpt, tmp_path / "other.ckpt")
-    with pytest.raises(ValueError, match="pseudo-labels for 10 target images, but data.target's train split has 64"):
+    with pytest.raises(DataError, match="pseudo-labels for 10 target images, but data.target's train split has 64"):
         make_trainer(tmp_path / "c", max_steps=12, limit_val_batches=1).fit(shot_model(), _target_only_dm(),
                                                                               ckpt_path=str(tmp_path / "other.ckpt"))
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from tlframe.checks import ConfigError, check_number
+from tlframe.data.errors import DataError
 from tlframe.losses import information_maximization
 from tlframe.pseudo_labels import centroid_pseudo_labels
 from tlframe.strategies.base import StrategyOutput, TransferStep
@@ -97,7 +98,7 @@ class SHOT(FineTune):
         super().on_train_start(progress, trainer)
         split = getattr(trainer.datamodule, "target_train", None)
         if len(self.pseudo_labels) and split is not None and len(split) != len(self.pseudo_labels):
-            raise ValueError(
+            raise DataError(
                 f"SHOT: the checkpoint holds pseudo-labels for {len(self.pseudo_labels)} target images, but "
                 f"data.target's train split has {len(split)}: resume with the data config of the run that wrote "
                 "the checkpoint (or start a new run from it with model.weights)")
